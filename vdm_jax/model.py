@@ -1,0 +1,228 @@
+"""The VDM: a schedule and a noise predictor, and the gradients that train them.
+
+:class:`VDM` is a thin Flax module holding the two parameterised parts (params
+``{"schedule": ..., "score_net": ...}``). :func:`loss_and_grads` is the training objective
+for any schedule and denoiser given as plain functions of their parameters; it returns the
+ELBO gradient for the denoiser and the schedule's endpoints and, with
+``schedule_grad="variance"``, the gradient of the second moment of the diffusion-loss
+estimate for the schedule's interior (paper section 5): the interior cannot change the
+expected ELBO in continuous time, only the variance of its estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm_jax import diffusion, schedules
+
+Params = Any
+ScheduleFn = Callable[[Params, jax.Array], jax.Array]  # (params, t) -> gamma_t
+DenoiseFn = Callable[[Params, jax.Array, jax.Array], jax.Array]  # (params, z_t, gamma_t) -> eps_hat
+
+SCHEDULE_GRADS = ("elbo", "variance")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the objective needs to know, and nothing else.
+
+    Attributes:
+      vocab_size: K, the number of values each data dimension takes.
+      timesteps: 0 for the continuous-time loss, else the number of discrete steps T.
+      antithetic_time: low-discrepancy times ``(u + i / B) mod 1`` over the batch.
+      schedule_grad: ``"elbo"`` trains the whole schedule on the ELBO; ``"variance"`` trains
+        the endpoints on the ELBO and the interior on the variance of the diffusion loss.
+    """
+
+    vocab_size: int
+    timesteps: int = 0
+    antithetic_time: bool = True
+    schedule_grad: str = "elbo"
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.timesteps < 0:
+            raise ValueError(f"timesteps must be >= 0 (0 = continuous time), got {self.timesteps}")
+        if self.schedule_grad not in SCHEDULE_GRADS:
+            raise ValueError(
+                f"schedule_grad must be one of {SCHEDULE_GRADS}, got {self.schedule_grad!r}"
+            )
+
+
+class VDM(nn.Module):
+    """A schedule module and a score network (``eps`` predictor) under one parameter tree.
+
+    Attributes:
+      schedule: elementwise ``t -> gamma_t`` module (see :mod:`vdm_jax.schedules`).
+      score_net: ``(z [B, ...], gamma_t [B], label [B] | None, train) -> eps_hat [B, ...]``.
+    """
+
+    schedule: nn.Module
+    score_net: nn.Module
+
+    def gamma(self, t: jax.Array) -> jax.Array:
+        """gamma(t), elementwise."""
+        return self.schedule(t)
+
+    def eps(
+        self, z: jax.Array, gamma_t: jax.Array, label: jax.Array | None = None, *, train: bool
+    ) -> jax.Array:
+        """Predicted noise, [B, ...]."""
+        return self.score_net(z, gamma_t, label, train=train)
+
+    def __call__(
+        self, z: jax.Array, t: jax.Array, label: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
+        """eps_hat(z_t; gamma(t)): used to initialise both parts."""
+        return self.eps(z, self.gamma(t), label, train=train)
+
+
+def _merge_schedule_grads(elbo_grads: Params, variance_grads: Params) -> Params:
+    """Endpoint leaves from the ELBO gradient, every other leaf from the variance gradient."""
+
+    def pick(path, g_elbo, g_var):
+        name = getattr(path[-1], "key", None)
+        return g_elbo if name in schedules.ENDPOINT_PARAMS else g_var
+
+    return jax.tree_util.tree_map_with_path(pick, elbo_grads, variance_grads)
+
+
+def loss_and_grads(
+    schedule_fn: ScheduleFn,
+    schedule_params: Params,
+    denoise_fn: DenoiseFn,
+    denoise_params: Params,
+    x: jax.Array,
+    key: jax.Array,
+    cfg: LossConfig,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], tuple[Params, Params]]:
+    """Mean negative ELBO in bits/dim over a batch, its terms, and the training gradients.
+
+    One forward and one backward pass through the denoiser; the schedule, which is cheap,
+    is pulled back twice when ``cfg.schedule_grad == "variance"``. The cotangent reaching
+    ``gamma_t[i]`` and ``weight[i]`` from the mean loss is ``(1/B) dL_i``; since example ``i``
+    alone depends on them, scaling it by ``2 L_diff,i`` gives the gradient of
+    ``mean_i L_diff,i^2`` exactly. (This needs a denoiser without cross-example coupling,
+    e.g. no BatchNorm.)
+
+    Args:
+      schedule_fn: ``(schedule_params, t) -> gamma_t``, elementwise in ``t``.
+      schedule_params: the schedule's parameters (may be an empty dict).
+      denoise_fn: ``(denoise_params, z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...]``.
+      denoise_params: the denoiser's parameters.
+      x: [B, ...] integer data in {0..K-1}.
+      key: PRNG key for times and noise.
+      cfg: loss configuration.
+
+    Returns:
+      ``((loss, terms), (schedule_grads, denoise_grads))`` where ``loss`` is the mean
+      negative ELBO in bits/dim and ``terms`` maps ``prior``, ``recon``, ``diffusion`` to
+      per-example bits/dim, [B].
+    """
+    key_t, key_noise = jax.random.split(key)
+    batch = x.shape[0]
+    num_dims = math.prod(x.shape[1:])
+    t = diffusion.sample_times(key_t, batch, cfg.antithetic_time)
+
+    def values_of(p: Params) -> diffusion.ScheduleValues:
+        return diffusion.schedule_values(lambda u: schedule_fn(p, u), t, cfg.timesteps)
+
+    def loss_of(values: diffusion.ScheduleValues, p: Params):
+        nats = diffusion.elbo_terms(
+            x, values, key_noise, lambda z, g: denoise_fn(p, z, g), cfg.vocab_size
+        )
+        terms = {k: diffusion.bits_per_dim(v, num_dims) for k, v in nats.items()}
+        return jnp.mean(sum(terms.values())), terms
+
+    values, schedule_vjp = jax.vjp(values_of, schedule_params)
+    loss, loss_vjp, terms = jax.vjp(loss_of, values, denoise_params, has_aux=True)
+    d_values, denoise_grads = loss_vjp(jnp.ones_like(loss))
+    (schedule_grads,) = schedule_vjp(d_values)
+    if cfg.schedule_grad == "variance":
+        scale = 2.0 * jax.lax.stop_gradient(terms["diffusion"])
+        d_variance = diffusion.ScheduleValues(
+            gamma_0=jnp.zeros_like(d_values.gamma_0),
+            gamma_1=jnp.zeros_like(d_values.gamma_1),
+            gamma_t=d_values.gamma_t * scale,
+            weight=d_values.weight * scale,
+        )
+        (variance_grads,) = schedule_vjp(d_variance)
+        schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads)
+    return (loss, terms), (schedule_grads, denoise_grads)
+
+
+def vdm_loss_and_grads(
+    model: VDM,
+    params: Params,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    cfg: LossConfig,
+    *,
+    train: bool = True,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Params]:
+    """:func:`loss_and_grads` for a :class:`VDM`; grads have the structure of ``params``.
+
+    Args:
+      model: the VDM module.
+      params: ``{"schedule": ..., "score_net": ...}`` (``schedule`` absent for a fixed one).
+      batch: ``{"image": int [B, ...], "label": int [B] (optional)}``.
+      key: PRNG key for times, noise and dropout.
+      cfg: loss configuration.
+      train: enables dropout.
+    """
+    key_loss, key_dropout = jax.random.split(key)
+    label = batch.get("label")
+
+    def schedule_fn(p: Params, t: jax.Array) -> jax.Array:
+        return model.apply({"params": {"schedule": p}}, t, method=VDM.gamma)
+
+    def denoise_fn(p: Params, z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        return model.apply(
+            {"params": {"score_net": p}},
+            z,
+            gamma_t,
+            label,
+            train=train,
+            method=VDM.eps,
+            rngs={"dropout": key_dropout},
+        )
+
+    aux, (schedule_grads, net_grads) = loss_and_grads(
+        schedule_fn, params.get("schedule", {}), denoise_fn, params["score_net"],
+        batch["image"], key_loss, cfg,
+    )
+    grads = {"score_net": net_grads}
+    if "schedule" in params:
+        grads["schedule"] = schedule_grads
+    return aux, grads
+
+
+def vdm_terms(
+    model: VDM,
+    params: Params,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    cfg: LossConfig,
+) -> dict[str, jax.Array]:
+    """Per-example negative-ELBO terms in bits/dim for evaluation (no dropout), each [B]."""
+    x = batch["image"]
+    label = batch.get("label")
+    num_dims = math.prod(x.shape[1:])
+    nats = diffusion.vdm_terms(
+        x,
+        key,
+        lambda t: model.apply({"params": params}, t, method=VDM.gamma),
+        lambda z, g: model.apply({"params": params}, z, g, label, train=False, method=VDM.eps),
+        vocab_size=cfg.vocab_size,
+        timesteps=cfg.timesteps,
+        antithetic_time=cfg.antithetic_time,
+    )
+    return {k: diffusion.bits_per_dim(v, num_dims) for k, v in nats.items()}
