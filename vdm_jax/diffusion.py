@@ -65,7 +65,9 @@ def sample_times(key: jax.Array, batch_size: int, antithetic: bool = True) -> ja
     return jax.random.uniform(key, (batch_size,))
 
 
-def schedule_values(gamma_fn: schedules.GammaFn, t: jax.Array, timesteps: int = 0) -> ScheduleValues:
+def schedule_values(
+    gamma_fn: schedules.GammaFn, t: jax.Array, timesteps: int = 0
+) -> ScheduleValues:
     """Evaluates a schedule at 0, 1 and the times ``t`` [B].
 
     Args:

@@ -196,8 +196,13 @@ def vdm_loss_and_grads(
         )
 
     aux, (schedule_grads, net_grads) = loss_and_grads(
-        schedule_fn, params.get("schedule", {}), denoise_fn, params["score_net"],
-        batch["image"], key_loss, cfg,
+        schedule_fn,
+        params.get("schedule", {}),
+        denoise_fn,
+        params["score_net"],
+        batch["image"],
+        key_loss,
+        cfg,
     )
     grads = {"score_net": net_grads}
     if "schedule" in params:

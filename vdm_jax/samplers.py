@@ -37,7 +37,9 @@ def ancestral_step(
 def ddim_step(
     key: jax.Array, z_t: jax.Array, eps_hat: jax.Array, gamma_t: jax.Array, gamma_s: jax.Array
 ) -> jax.Array:
-    """Deterministic step: ``z_s = alpha_s x_hat + sigma_s eps_hat``, x_hat = (z_t - sigma_t eps_hat)/alpha_t.
+    """Deterministic DDIM step: ``z_s = alpha_s x_hat + sigma_s eps_hat``.
+
+    Here ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``.
 
     ``key`` is unused; it keeps the signature of :func:`ancestral_step`.
     """
@@ -45,7 +47,9 @@ def ddim_step(
     x_hat = (z_t - jnp.sqrt(schedules.sigma2(gamma_t)) * eps_hat) * jnp.exp(
         -0.5 * schedules.log_alpha2(gamma_t)
     )
-    return jnp.sqrt(schedules.alpha2(gamma_s)) * x_hat + jnp.sqrt(schedules.sigma2(gamma_s)) * eps_hat
+    return (
+        jnp.sqrt(schedules.alpha2(gamma_s)) * x_hat + jnp.sqrt(schedules.sigma2(gamma_s)) * eps_hat
+    )
 
 
 def sample_latent(
@@ -77,7 +81,10 @@ def sample_latent(
     def body(i: jax.Array, z: jax.Array) -> jax.Array:
         t = (num_steps - i) / num_steps
         s = (num_steps - i - 1) / num_steps
-        gamma_t, gamma_s = gamma_fn(jnp.asarray(t, jnp.float32)), gamma_fn(jnp.asarray(s, jnp.float32))
+        gamma_t, gamma_s = (
+            gamma_fn(jnp.asarray(t, jnp.float32)),
+            gamma_fn(jnp.asarray(s, jnp.float32)),
+        )
         eps_hat = eps_fn(z, jnp.full((shape[0],), gamma_t)).astype(jnp.float32)
         return step(jax.random.fold_in(key_steps, i), z, eps_hat, gamma_t, gamma_s)
 

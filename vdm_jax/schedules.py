@@ -144,9 +144,7 @@ class MonotoneNetSchedule(_LearnedEndpoints):
         w1 = nn.softplus(self.param("linear", nn.initializers.constant(_inverse_softplus(1.0)), ()))
         w2 = nn.softplus(self.param("hidden_kernel", nn.initializers.normal(1.0), (self.width,)))
         b2 = self.param("hidden_bias", nn.initializers.normal(1.0), (self.width,))
-        w3 = nn.softplus(
-            self.param("output_kernel", nn.initializers.normal(0.1), (self.width,))
-        )
+        w3 = nn.softplus(self.param("output_kernel", nn.initializers.normal(0.1), (self.width,)))
 
         def h(u: jax.Array) -> jax.Array:
             hidden = jax.nn.sigmoid(w2 * (2.0 * u[..., None] - 1.0) + b2)
@@ -165,7 +163,7 @@ SCHEDULES: dict[str, type[nn.Module]] = {
 
 
 def make_schedule(name: str, **kwargs) -> nn.Module:
-    """Builds a schedule by registry name (``fixed_linear``, ``learned_linear``, ``monotone_net``)."""
+    """Builds a schedule by name: ``fixed_linear``, ``learned_linear`` or ``monotone_net``."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(SCHEDULES)}")
     return SCHEDULES[name](**kwargs)
