@@ -1,0 +1,198 @@
+"""Tests of the score U-Net: shapes, dtypes, parameter counts, conditioning, dropout, remat."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import unet
+
+B, H, W = 2, 8, 8
+TINY = dict(num_blocks=2, channels=32, dropout_rate=0.1)
+
+
+def _inputs(c: int, num_classes: int = 0, seed: int = 0):
+    kz, kg, kl = jax.random.split(jax.random.key(seed), 3)
+    z = jax.random.normal(kz, (B, H, W, c))
+    gamma = jax.random.uniform(kg, (B,), minval=-13.3, maxval=5.0)
+    label = jax.random.randint(kl, (B,), 0, num_classes) if num_classes else None
+    return z, gamma, label
+
+
+def _shapes(model: unet.ScoreUNet, z, gamma, label):
+    """The parameter tree as ``jax.ShapeDtypeStruct``s: tracing only, no compilation."""
+    init = lambda: model.init(jax.random.key(0), z, gamma, label, train=False)  # noqa: E731
+    return jax.eval_shape(init)["params"]
+
+
+def _random_params(model: unet.ScoreUNet, z, gamma, label, seed: int = 1):
+    """Random parameters with nothing zero, so no zero-initialised layer hides an input.
+
+    Kernels ~ N(0, 1 / fan_in), every other leaf ~ N(0, 0.1^2). Drawn with numpy: on CPU,
+    compiling an initialiser per parameter shape costs far more than the tiny models run.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        fan_in = math.prod(x.shape[:-1]) if path[-1].key == "kernel" else 100
+        return jnp.asarray(rng.standard_normal(x.shape) / math.sqrt(fan_in), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, _shapes(model, z, gamma, label))
+
+
+def _apply(model: unet.ScoreUNet, params, z, gamma, label=None, rng=None):
+    """Eager apply: on CPU, tiny models run faster op by op than they compile under jit."""
+    rngs = None if rng is None else {"dropout": rng}
+    return model.apply({"params": params}, z, gamma, label, train=rng is not None, rngs=rngs)
+
+
+@pytest.mark.parametrize(
+    ("c", "num_classes", "attention", "extra"),
+    [
+        (1, 0, "middle", {}),
+        (3, 5, "all", {}),
+        (1, 10, "middle", dict(channels=24, fourier_features=False)),  # 6 groups
+        (3, 0, "all", dict(fourier_min_exp=0, fourier_max_exp=3)),
+    ],
+)
+def test_output_shape_dtype(c, num_classes, attention, extra):
+    model = unet.ScoreUNet(**{**TINY, **extra}, num_classes=num_classes, attention=attention)
+    z, gamma, label = _inputs(c, num_classes)
+    params = _shapes(model, z, gamma, label)
+    assert {"conv_in", "down_0", "down_1", "mid_res_0", "mid_attn", "mid_res_1"} <= set(params)
+    assert {"up_0", "up_1", "up_2", "norm_out", "conv_out", "cond_dense_0"} <= set(params)
+    assert ("label_embed" in params) == (num_classes > 0)
+    assert ("down_attn_0" in params) == (attention == "all")
+    assert "up_3" not in params and "down_2" not in params
+    params = _random_params(model, z, gamma, label)
+    for rng in (None, jax.random.key(2)):  # eval, train
+        out = _apply(model, params, z, gamma, label, rng)
+        assert out.shape == z.shape and out.dtype == jnp.float32
+        assert np.all(np.isfinite(out))
+    # A scalar gamma_t broadcasts over the batch.
+    scalar = _apply(model, params, z, gamma[0], label)
+    np.testing.assert_array_equal(scalar, _apply(model, params, z, jnp.full((B,), gamma[0]), label))
+
+
+@pytest.mark.parametrize("preset", [unet.cifar10_unet, unet.imagenet64_unet])
+def test_preset_param_counts_match_docstrings(preset):
+    model = preset()
+    z, gamma, _ = _inputs(3)
+    shapes = _shapes(model, z[:1], gamma[:1], None)
+    n = f"{unet.count_params(shapes):,}"
+    assert n in preset.__doc__, n
+    assert n in unet.ScoreUNet.__doc__, n
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(shapes))
+
+
+def test_presets_take_overrides():
+    model = unet.cifar10_unet(num_classes=3, dtype=jnp.bfloat16)
+    assert (model.num_blocks, model.channels, model.dropout_rate) == (32, 128, 0.1)
+    assert model.num_classes == 3 and model.dtype == jnp.bfloat16
+    assert unet.imagenet64_unet().num_blocks == 64 and unet.imagenet64_unet().channels == 256
+
+
+def test_count_params():
+    assert unet.count_params({"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4)]}) == 10
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups"), [(128, 32), (256, 32), (32, 8), (48, 12), (24, 6), (6, 1), (3, 1)]
+)
+def test_group_norm_groups(channels, groups):
+    assert unet._group_norm(32, channels, jnp.float32, "n").num_groups == groups
+
+
+def test_zero_at_init_then_depends_on_gamma_and_label():
+    # 32 channels: the conditioning must survive GroupNorm (1 channel per group would erase it).
+    model = unet.ScoreUNet(**TINY, num_classes=4)
+    z, gamma, label = _inputs(3, 4)
+    # A real init, jitted with the cheap-to-compile "rbg" PRNG (threefry compiles slowly).
+    init = jax.jit(lambda key: model.init(key, z, gamma, label, train=False)["params"])
+    params = init(jax.random.key(0, impl="rbg"))
+    np.testing.assert_array_equal(_apply(model, params, z, gamma, label), 0.0)
+
+    params = _random_params(model, z, gamma, label)
+    out = _apply(model, params, z, gamma, label)
+    assert np.abs(out).mean() > 1e-3
+    other_gamma = _apply(model, params, z, gamma + 1.0, label)
+    other_label = _apply(model, params, z, gamma, (label + 1) % 4)
+    assert np.abs(out - other_gamma).max() > 1e-4
+    assert np.abs(out - other_label).max() > 1e-4
+
+
+def test_dropout_only_in_training():
+    model = unet.ScoreUNet(**TINY)
+    z, gamma, _ = _inputs(1)
+    params = _random_params(model, z, gamma, None)
+    eval_a = _apply(model, params, z, gamma)
+    np.testing.assert_array_equal(eval_a, _apply(model, params, z, gamma))
+    train_a = _apply(model, params, z, gamma, rng=jax.random.key(0))
+    train_b = _apply(model, params, z, gamma, rng=jax.random.key(1))
+    assert np.abs(train_a - train_b).max() > 1e-4
+    np.testing.assert_array_equal(train_a, _apply(model, params, z, gamma, rng=jax.random.key(0)))
+    # No dropout rate: training needs no rng and matches evaluation.
+    no_drop = unet.ScoreUNet(**{**TINY, "dropout_rate": 0.0})
+    np.testing.assert_array_equal(no_drop.apply({"params": params}, z, gamma, train=True), eval_a)
+
+
+def test_bfloat16_close_to_float32():
+    z, gamma, label = _inputs(3, 4)
+    model32 = unet.ScoreUNet(**TINY, num_classes=4, attention="all")
+    model16 = unet.ScoreUNet(**TINY, num_classes=4, attention="all", dtype=jnp.bfloat16)
+    shapes = _shapes(model16, z, gamma, label)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(shapes))
+    assert shapes == _shapes(model32, z, gamma, label)
+    params = _random_params(model32, z, gamma, label)
+    out32 = _apply(model32, params, z, gamma, label)
+    out16 = _apply(model16, params, z, gamma, label)
+    assert out16.dtype == jnp.float32
+    rel = np.linalg.norm(out16 - out32) / np.linalg.norm(out32)
+    assert rel < 0.03, rel
+
+
+def test_remat_same_output_and_gradients():
+    z, gamma, label = _inputs(3, 4)
+    model = unet.ScoreUNet(**{**TINY, "num_blocks": 1}, num_classes=4, attention="all")
+    remat = model.clone(remat=True)
+    assert _shapes(remat, z, gamma, label) == _shapes(model, z, gamma, label)
+    params = _random_params(model, z, gamma, label)
+    rngs = {"dropout": jax.random.key(3)}
+
+    def loss(params, m):
+        out = m.apply({"params": params}, z, gamma, label, train=True, rngs=rngs)
+        return jnp.sum(jnp.square(out - z)), out
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l0, out0), g0 = grad_fn(params, model)
+    (l1, out1), g1 = grad_fn(params, remat)
+    np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_bad_arguments_raise():
+    z, gamma, label = _inputs(1, 3)
+    with pytest.raises(ValueError, match="label must be given"):
+        _shapes(unet.ScoreUNet(**TINY, num_classes=3), z, gamma, None)
+    with pytest.raises(ValueError, match="label must be given"):
+        _shapes(unet.ScoreUNet(**TINY), z, gamma, label)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        _shapes(unet.ScoreUNet(**TINY, attention="none"), z, gamma, None)
+
+
+def test_fourier_features_and_embedding():
+    z = jnp.array([[[[0.25, -0.5]]]])  # [1, 1, 1, 2]
+    f = unet.fourier_features(z, 0, 1)  # n = 2 frequencies: 2 pi, 4 pi
+    assert f.shape == (1, 1, 1, 8)
+    args = np.array([2 * np.pi * 0.25, 4 * np.pi * 0.25, -2 * np.pi * 0.5, -4 * np.pi * 0.5])
+    np.testing.assert_allclose(f[0, 0, 0], np.concatenate([np.sin(args), np.cos(args)]), atol=1e-6)
+    e = unet.sinusoidal_embedding(jnp.array([0.0, 3.0]), 7)
+    assert e.shape == (2, 7)
+    np.testing.assert_allclose(e[0], [0, 0, 0, 1, 1, 1, 0], atol=1e-7)
+    np.testing.assert_allclose(e[1, [0, 3]], [np.sin(3.0), np.cos(3.0)], rtol=1e-6)

@@ -1,0 +1,280 @@
+"""The VDM score network: a U-Net without downsampling that predicts the noise ``eps_hat``.
+
+Every layer runs at the full input resolution (paper, CIFAR-10 and ImageNet): a stack of
+``num_blocks`` ResNet blocks whose outputs are kept as skips, a middle of ResNet block,
+self-attention, ResNet block, then ``num_blocks + 1`` ResNet blocks that each consume one skip.
+The network sees ``z_t``, Fourier features of ``z_t`` (high frequencies that make the fine
+detail of the discrete data visible), and ``gamma_t`` through a sinusoidal embedding.
+
+Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends on them)::
+
+    cond_dense_0, cond_dense_1   Dense: time embedding [B, channels] -> [B, 4 channels]
+    label_embed                  Embed: only when num_classes > 0
+    conv_in                      Conv 3x3: input (z and its Fourier features) -> channels
+    down_{i}, i < num_blocks     ResBlock (down_attn_{i} after each when attention == "all")
+    mid_res_0, mid_attn, mid_res_1
+    up_{i}, i <= num_blocks      ResBlock on concat(h, skip) (up_attn_{i} when "all")
+    norm_out, conv_out           GroupNorm, Conv 3x3 (zero-initialised): channels -> C
+
+    ResBlock:  norm_0, conv_0, cond_proj, norm_1, conv_1 (zero-initialised),
+               skip_proj (Dense 1x1, only when the input width differs: the up blocks)
+    AttnBlock: norm, qkv (one fused Dense to 3 channels), proj_out (zero-initialised)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ATTENTION_MODES = ("middle", "all")
+
+
+def count_params(params: Any) -> int:
+    """The total number of scalars in a pytree of arrays (or of ``jax.ShapeDtypeStruct``)."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+MIN_GROUP_SIZE = 4
+
+
+def _group_norm(num_groups: int, channels: int, dtype: Any, name: str) -> nn.GroupNorm:
+    """GroupNorm with at most ``num_groups`` groups and ``MIN_GROUP_SIZE`` channels per group.
+
+    The number of groups is the largest divisor of ``channels`` within both limits, so any
+    width works (48 channels, 32 groups -> 12 groups of 4). The group size matters: with one
+    channel per group, GroupNorm would subtract the per-channel shift that carries the
+    conditioning into each ResNet block, and a narrow network (32 channels, 32 groups) would
+    silently ignore ``gamma_t``. Paper widths (128 or 256 channels, 32 groups) are unaffected.
+    Statistics are reduced in float32 whatever the compute dtype (``force_float32_reductions``).
+    """
+    limit = max(min(num_groups, channels // MIN_GROUP_SIZE), 1)
+    groups = max(g for g in range(1, limit + 1) if channels % g == 0)
+    return nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)
+
+
+def sinusoidal_embedding(x: jax.Array, dim: int) -> jax.Array:
+    """Transformer-style embedding ``[sin(x w_j), cos(x w_j)]``, ``w_j = 10000^(-j/(dim/2-1))``.
+
+    Args:
+      x: [B] float positions (here ``1000 * t_cond``, so in [0, 1000] for t_cond in [0, 1]).
+      dim: embedding width; an odd width is zero-padded by one.
+
+    Returns:
+      [B, dim] float32.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    args = x.astype(jnp.float32)[:, None] * freqs  # [B, half]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def fourier_features(z: jax.Array, min_exp: int, max_exp: int) -> jax.Array:
+    """``sin`` and ``cos`` of ``2 pi 2^k z`` for k in ``min_exp..max_exp`` (inclusive).
+
+    Args:
+      z: [B, H, W, C] float32.
+      min_exp, max_exp: the range of base-2 exponents.
+
+    Returns:
+      [B, H, W, 2 C n] float32 with n = max_exp - min_exp + 1: all sines, then all cosines,
+      each ordered channel-major (channel c, frequency k at index c n + k - min_exp).
+    """
+    freqs = 2.0 * jnp.pi * 2.0 ** jnp.arange(min_exp, max_exp + 1, dtype=jnp.float32)
+    args = (z.astype(jnp.float32)[..., None] * freqs).reshape(*z.shape[:-1], -1)
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block conditioned on a (swished) embedding.
+
+    ``x + conv_1(dropout(swish(norm_1(conv_0(swish(norm_0(x))) + cond_proj(cond)))))``, with
+    ``x`` projected by a 1x1 ``skip_proj`` when its width is not ``features``.
+    """
+
+    features: int
+    dropout_rate: float
+    num_groups: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+        """[B, H, W, C_in], [B, E] -> [B, H, W, features] in ``dtype``."""
+        feats, dtype = self.features, self.dtype
+        h = nn.swish(_group_norm(self.num_groups, x.shape[-1], dtype, "norm_0")(x))
+        h = nn.Conv(feats, (3, 3), dtype=dtype, name="conv_0")(h)
+        h = h + nn.Dense(feats, dtype=dtype, name="cond_proj")(cond)[:, None, None]  # [B, 1, 1, F]
+        h = nn.swish(_group_norm(self.num_groups, feats, dtype, "norm_1")(h))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+        h = nn.Conv(feats, (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name="conv_1")(h)
+        if x.shape[-1] != feats:
+            x = nn.Dense(feats, dtype=dtype, name="skip_proj")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+
+    num_groups: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, H, W, C] in ``dtype``; logits and softmax in float32."""
+        b, hgt, wid, c = x.shape
+        h = _group_norm(self.num_groups, c, self.dtype, "norm")(x).reshape(b, hgt * wid, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # [B, T, 3C]
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        # Scale q (T x C) rather than the logits (T x T).
+        logits = jnp.einsum("bqc,bkc->bqk", q * c**-0.5, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v)
+        h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        return x + h.reshape(x.shape)
+
+
+class ScoreUNet(nn.Module):
+    """The VDM noise predictor ``eps_hat(z_t, gamma_t[, label])``: a U-Net at full resolution.
+
+    Input: concat(z, Fourier features of z) -> ``conv_in``. Conditioning: ``t_cond =
+    (gamma_t - gamma_min) / (gamma_max - gamma_min)``, sinusoidal embedding of ``1000 t_cond``
+    (width ``channels``) -> Dense(4 channels) -> swish -> Dense(4 channels) (+ label
+    embedding) -> swish, projected into every ResNet block. The conditioning MLP, Fourier
+    features, GroupNorm statistics, attention softmax and the output head (``norm_out``,
+    ``conv_out``) run in float32; everything else in ``dtype``. See the module docstring for
+    the parameter names.
+
+    Parameter counts for 3-channel inputs, no labels (from ``jax.eval_shape``; they do not
+    depend on H, W): :func:`cifar10_unet` 30,586,243; :func:`imagenet64_unet` 237,636,355.
+
+    Attributes:
+      num_blocks: ResNet blocks on the way down; ``num_blocks + 1`` on the way up.
+      channels: width of every block; the conditioning embedding is ``4 * channels``.
+      dropout_rate: dropout inside each ResNet block (train only).
+      attention: ``"middle"``: one self-attention block in the middle; ``"all"``: also after
+        every down and up ResNet block.
+      fourier_features: concat ``sin/cos(2 pi 2^k z)``, k in ``fourier_min_exp..max_exp``.
+      fourier_min_exp: smallest exponent k (inclusive).
+      fourier_max_exp: largest exponent k (inclusive).
+      gamma_min: ``gamma_t`` that maps to ``t_cond = 0``.
+      gamma_max: ``gamma_t`` that maps to ``t_cond = 1``.
+      num_classes: > 0 to condition on an integer label through an embedding added to the
+        time embedding; the call then requires ``label``.
+      num_groups: GroupNorm groups, at most; reduced to a divisor of the width that leaves
+        at least 4 channels per group, so any width works (see ``_group_norm``).
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32.
+      remat: rematerialise each ResNet and attention block in the backward pass.
+    """
+
+    num_blocks: int = 32
+    channels: int = 128
+    dropout_rate: float = 0.1
+    attention: str = "middle"
+    fourier_features: bool = True
+    fourier_min_exp: int = 6
+    fourier_max_exp: int = 7
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    num_classes: int = 0
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        z: jax.Array,
+        gamma_t: jax.Array,
+        label: jax.Array | None = None,
+        *,
+        train: bool,
+    ) -> jax.Array:
+        """Predicts the noise in ``z``.
+
+        Args:
+          z: [B, H, W, C] float32 latent ``z_t``.
+          gamma_t: [B] or scalar float32, ``gamma`` (log noise-to-signal ratio) at time t.
+          label: [B] int32 in ``[0, num_classes)``; required iff ``num_classes > 0``.
+          train: enables dropout, which then draws from the ``'dropout'`` rng.
+
+        Returns:
+          eps_hat: [B, H, W, C] float32. Exactly zero at initialisation (``conv_out`` is
+          zero-initialised).
+        """
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if (label is None) != (self.num_classes == 0):
+            raise ValueError(
+                f"label must be given iff num_classes > 0 (num_classes={self.num_classes}, "
+                f"label {'missing' if label is None else 'given'})"
+            )
+        b, c_out = z.shape[0], z.shape[-1]
+        width, emb = self.channels, 4 * self.channels
+
+        # Conditioning, in float32: it is [B, 4 channels], negligible next to the convs.
+        gamma_t = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (b,))
+        t_cond = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        cond = sinusoidal_embedding(1000.0 * t_cond, width)  # [B, channels]
+        cond = nn.swish(nn.Dense(emb, name="cond_dense_0")(cond))
+        cond = nn.Dense(emb, name="cond_dense_1")(cond)
+        if self.num_classes > 0:
+            label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))
+            cond = cond + nn.Embed(self.num_classes, emb, name="label_embed")(label)
+        cond = nn.swish(cond)  # [B, 4 channels], once here rather than in every block
+
+        h = z.astype(jnp.float32)
+        if self.fourier_features:
+            feats = fourier_features(h, self.fourier_min_exp, self.fourier_max_exp)
+            h = jnp.concatenate([h, feats], axis=-1)  # [B, H, W, C (1 + 2 n)]
+        h = nn.Conv(width, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+
+        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+
+        def res(name: str, x: jax.Array) -> jax.Array:
+            block = res_cls(width, self.dropout_rate, self.num_groups, self.dtype, name=name)
+            return block(x, cond, train)
+
+        def attn(name: str, x: jax.Array) -> jax.Array:
+            return attn_cls(self.num_groups, self.dtype, name=name)(x)
+
+        every = self.attention == "all"
+        skips = [h]
+        for i in range(self.num_blocks):
+            h = res(f"down_{i}", h)
+            if every:
+                h = attn(f"down_attn_{i}", h)
+            skips.append(h)
+
+        h = res("mid_res_1", attn("mid_attn", res("mid_res_0", h)))
+
+        for i in range(self.num_blocks + 1):
+            h = res(f"up_{i}", jnp.concatenate([h, skips.pop()], axis=-1))
+            if every:
+                h = attn(f"up_attn_{i}", h)
+
+        # Output head in float32: one cheap conv, and eps_hat precision matters at low noise.
+        h = nn.swish(_group_norm(self.num_groups, width, jnp.float32, "norm_out")(h))
+        return nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+
+
+def cifar10_unet(**overrides: Any) -> ScoreUNet:
+    """The paper's CIFAR-10 network: 32 blocks, 128 channels, dropout 0.1, middle attention.
+
+    30,586,243 parameters for 3-channel inputs (``count_params`` of ``jax.eval_shape`` init).
+    """
+    kwargs = dict(num_blocks=32, channels=128, dropout_rate=0.1, attention="middle")
+    return ScoreUNet(**{**kwargs, **overrides})
+
+
+def imagenet64_unet(**overrides: Any) -> ScoreUNet:
+    """The paper's ImageNet 64x64 network: 64 blocks, 256 channels, no dropout, middle attention.
+
+    237,636,355 parameters for 3-channel inputs (``count_params`` of ``jax.eval_shape`` init).
+    """
+    kwargs = dict(num_blocks=64, channels=256, dropout_rate=0.0, attention="middle")
+    return ScoreUNet(**{**kwargs, **overrides})
