@@ -1,0 +1,407 @@
+"""Probability-flow ODE likelihoods and lower-variance ELBO estimates against closed forms.
+
+Gaussian data make everything exact: the denoiser ``E[eps | z_t]`` is linear in ``z_t``, the
+probability-flow map is affine, and the model's density at t = 0 (N(0, I) carried back from
+t = 1) is a Gaussian written down below in numpy, independently of the code under test.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gaussian import continuous_diffusion_loss, exact_eps_fn
+from scipy.stats import norm
+
+from vdm_jax import diffusion, likelihood
+
+GAMMA_0, GAMMA_1 = -13.3, 5.0
+
+
+def linear(t):
+    return GAMMA_0 + (GAMMA_1 - GAMMA_0) * t
+
+
+def _alpha2_sigma2(gamma: float) -> tuple[float, float]:
+    return 1.0 / (1.0 + math.exp(gamma)), 1.0 / (1.0 + math.exp(-gamma))
+
+
+# ---- correlated Gaussian data x ~ N(MU, SIGMA): a Jacobian of eps_hat with off-diagonals ----
+
+_D = 3
+_ROT, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(_D, _D)))
+_EIG = np.array([0.05, 0.3, 1.0]) ** 2  # eigenvalues of SIGMA
+_MU = np.array([0.3, -0.2, 0.1])
+
+
+def correlated_eps_fn(z, gamma_t):
+    """E[eps | z_t] = sigma V^-1 (z - alpha mu) with V = alpha^2 SIGMA + sigma^2 I, [B, D]."""
+    g = gamma_t[:, None]
+    a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+    w = (z - jnp.sqrt(a2) * _MU) @ _ROT
+    return jnp.sqrt(s2) * (w / (a2 * _EIG + s2)) @ _ROT.T
+
+
+def _marginal(gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """q(z_t): mean [D] and eigenvalues [D] of the covariance (eigenvectors: _ROT)."""
+    a2, s2 = _alpha2_sigma2(gamma)
+    return math.sqrt(a2) * _MU, a2 * _EIG + s2
+
+
+def _gauss_logpdf(y: np.ndarray, mean: np.ndarray, eig: np.ndarray) -> np.ndarray:
+    """log N(y; mean, _ROT diag(eig) _ROT^T), [B, D] -> [B]."""
+    w = (y - mean) @ _ROT
+    return -0.5 * np.sum(w**2 / eig + np.log(2 * np.pi * eig), axis=-1)
+
+
+def _model_density_at_0() -> tuple[np.ndarray, np.ndarray]:
+    """Mean and eigenvalues of N(0, I) at t=1 carried to t=0 by the exact flow.
+
+    Per eigendirection the flow is z_0 - m_0 = sqrt(v_0 / v_1) (z_1 - m_1), so
+    z_1 ~ N(0, I) lands on N(m_0 - A m_1, A^2) with A = ROT diag(sqrt(v_0 / v_1)) ROT^T.
+    """
+    m0, v0 = _marginal(GAMMA_0)
+    m1, v1 = _marginal(GAMMA_1)
+    a = (_ROT * np.sqrt(v0 / v1)) @ _ROT.T
+    return m0 - a @ m1, v0 / v1
+
+
+@pytest.fixture(scope="module")
+def points():
+    """Eight points from q(z_0), including the tails."""
+    m0, v0 = _marginal(GAMMA_0)
+    w = np.random.default_rng(1).normal(size=(8, _D)) * np.sqrt(v0) * 1.5
+    return (m0 + w @ _ROT.T).astype(np.float32)
+
+
+def _ode_ll(divergence, rtol, log_prior=None):
+    return jax.jit(
+        lambda key, y: likelihood.ode_log_likelihood(
+            key,
+            y,
+            linear,
+            correlated_eps_fn,
+            divergence=divergence,
+            rtol=rtol,
+            atol=rtol,
+            log_prior=log_prior,
+        )
+    )
+
+
+def test_ode_log_likelihood_matches_the_closed_form_model_density(points):
+    """Exact divergence, rtol = atol = 1e-5: |error| ~ 1e-4 nats at NFE 93 (D = 3).
+
+    Measured: max error 6e-2 / 2e-3 / 1e-4 / 9e-6 nats at tolerances 1e-3 / 1e-4 / 1e-5 /
+    1e-6 with NFE 45 / 63 / 93 / 141.
+    """
+    mean, eig = _model_density_at_0()
+    expected = _gauss_logpdf(points.astype(np.float64), mean, eig)
+    errors = {}
+    for tol in (1e-4, 1e-5):
+        out = _ode_ll("exact", tol)(jax.random.key(0), points)
+        assert bool(out.success)
+        assert float(out.rtol) == pytest.approx(tol) and float(out.atol) == pytest.approx(tol)
+        errors[tol] = np.max(np.abs(np.asarray(out.log_prob) - expected))
+    assert errors[1e-5] < 1e-3
+    assert errors[1e-5] < errors[1e-4]
+    assert 20 < int(out.num_function_evals) < 300
+
+
+def test_with_the_exact_q_z1_prior_the_ode_recovers_q_z0(points):
+    """N(0, I) vs q(z_1) differ by ~0.05 nats here; with q(z_1) as prior we get q(z_0)."""
+    m1, v1 = _marginal(GAMMA_1)
+    m0, v0 = _marginal(GAMMA_0)
+
+    def log_q1(z):
+        w = (z - m1) @ _ROT
+        return -0.5 * jnp.sum(w**2 / v1 + jnp.log(2 * jnp.pi * v1), axis=-1)
+
+    out = _ode_ll("exact", 1e-5, log_q1)(jax.random.key(0), points)
+    expected = _gauss_logpdf(points.astype(np.float64), m0, v0)
+    np.testing.assert_allclose(np.asarray(out.log_prob), expected, atol=1e-3)
+    mean, eig = _model_density_at_0()
+    gap = np.abs(_gauss_logpdf(points.astype(np.float64), mean, eig) - expected)
+    assert np.max(gap) > 0.02  # the two priors are distinguishable at this accuracy
+
+
+def test_hutchinson_is_unbiased_for_the_exact_log_likelihood(points):
+    """One point, 256 Rademacher probes (one per batch row, fixed through each solve).
+
+    Measured: per-probe standard deviation ~0.96 nats (D = 3, strongly correlated data);
+    the mean is within ~1 standard error of the exact value.
+    """
+    batch = 256
+    y = np.repeat(points[:1], batch, axis=0)
+    exact = _ode_ll("exact", 1e-5)(jax.random.key(0), points[:1]).log_prob[0]
+    est = np.asarray(_ode_ll("hutchinson", 1e-5)(jax.random.key(1), y).log_prob, np.float64)
+    stderr = est.std(ddof=1) / math.sqrt(batch)
+    assert est.std() > 0.1  # the Jacobian has off-diagonals: the estimator is not trivial
+    assert abs(est.mean() - float(exact)) < 4 * stderr
+
+
+def test_reported_nfe_counts_every_call_of_the_network(points):
+    calls = []
+
+    def counted_eps_fn(z, gamma_t):
+        jax.debug.callback(lambda: calls.append(1))
+        return correlated_eps_fn(z, gamma_t)
+
+    out = jax.jit(
+        lambda y: likelihood.ode_log_likelihood(
+            jax.random.key(0), y, linear, counted_eps_fn, divergence="hutchinson"
+        )
+    )(points)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    assert len(calls) == int(out.num_function_evals) == 1 + 6 * int(out.num_steps)
+
+
+# ---- the derivation of the drift, independent of the likelihood code ----
+
+
+def test_probability_flow_transports_the_marginals():
+    """Samples of q(z_1) pushed to t=0 with a fixed-step RK4 on the drift land on q(z_0).
+
+    For Gaussian data the flow is affine: z_0 = m_0 + sqrt(v_0 / v_1) (z_1 - m_1); checked per
+    sample and by the first two moments. The adaptive solver (:func:`probability_flow`)
+    agrees with the same map.
+    """
+    mu, s, dims, n = 0.3, 0.5, 2, 4000
+    eps_fn = exact_eps_fn(mu, s)
+    a0, s0 = _alpha2_sigma2(GAMMA_0)
+    a1, s1 = _alpha2_sigma2(GAMMA_1)
+    m0, v0 = math.sqrt(a0) * mu, a0 * s**2 + s0
+    m1, v1 = math.sqrt(a1) * mu, a1 * s**2 + s1
+    z1 = m1 + math.sqrt(v1) * np.random.default_rng(2).normal(size=(n, dims))
+    z1 = jnp.asarray(z1, jnp.float32)
+
+    @jax.jit
+    def rk4(z):
+        steps = 400
+        h = -1.0 / steps
+
+        def drift(t, z):
+            return likelihood.probability_flow_drift(linear, eps_fn, t, z)
+
+        def body(i, z):
+            t = 1.0 + i * h
+            k1 = drift(t, z)
+            k2 = drift(t + h / 2, z + h / 2 * k1)
+            k3 = drift(t + h / 2, z + h / 2 * k2)
+            k4 = drift(t + h, z + h * k3)
+            return z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+        return jax.lax.fori_loop(0, steps, body, z)
+
+    z0 = np.asarray(rk4(z1), np.float64)
+    expected = m0 + math.sqrt(v0 / v1) * (np.asarray(z1, np.float64) - m1)
+    np.testing.assert_allclose(z0, expected, atol=1e-4)
+    assert abs(z0.mean() - m0) < 4 * math.sqrt(v0 / (n * dims))
+    assert z0.var() == pytest.approx(v0, rel=0.05)
+
+    flow = jax.jit(
+        lambda z: likelihood.probability_flow(z, linear, eps_fn, t_start=1.0, t_end=0.0)
+    )(z1[:16])
+    assert bool(flow.success)
+    np.testing.assert_allclose(np.asarray(flow.z), expected[:16], atol=1e-4)
+
+
+# ---- dequantization ----
+
+
+def _exact_discrete_and_bound(x, mu, s, vocab_size):
+    """Per example: exact -log P(x) and the exact bound E_u[-log p_V(x + u)], nats.
+
+    The model's density of y = z_0 / alpha_0 is N(c, r^2) per dimension (the exact flow of
+    N(0, 1) from t = 1), so P(x) is a product of normal-CDF differences over the bins
+    [2x/K - 1, 2(x+1)/K - 1), and E_u[-log p_V] = E_{y ~ U(bin)}[-log N(y; c, r^2)]
+    + log(K/2) in closed form.
+    """
+    a0, s0 = _alpha2_sigma2(GAMMA_0)
+    a1, s1 = _alpha2_sigma2(GAMMA_1)
+    m0, v0 = math.sqrt(a0) * mu, a0 * s**2 + s0
+    m1, v1 = math.sqrt(a1) * mu, a1 * s**2 + s1
+    c = (m0 - math.sqrt(v0 / v1) * m1) / math.sqrt(a0)
+    r = math.sqrt(v0 / v1 / a0)
+    lo = 2.0 * x / vocab_size - 1.0
+    hi = lo + 2.0 / vocab_size
+    nll = -np.log(norm.cdf((hi - c) / r) - norm.cdf((lo - c) / r)).sum(-1)
+    second_moment = ((hi - c) ** 3 - (lo - c) ** 3) / (3 * (hi - lo))
+    bound = (0.5 * np.log(2 * np.pi * r**2) + second_moment / (2 * r**2)).sum(-1)
+    return nll, bound + x.shape[-1] * math.log(vocab_size / 2)
+
+
+@pytest.mark.parametrize(
+    ("s", "x", "max_gap_bits"),
+    [
+        (0.5, [[3, 4], [0, 7], [5, 2], [4, 4]], 0.1),
+        (0.02, [[4, 4], [3, 4], [4, 5], [5, 3]], None),
+    ],
+)
+def test_dequantized_bpd_bounds_the_discrete_nll(s, x, max_gap_bits):
+    """ode_bpd matches the closed-form bound, which is >= the exact discrete NLL.
+
+    s = 0.5: the density is nearly flat across a bin (width 0.25); measured gap between the
+    bound and -log2 P(x) / D: 0.0001 to 0.045 bits/dim (largest in the tail bin x = 0), and
+    the 64-sample importance-weighted bound is within 0.01 bits of -log2 P(x) / D.
+    s = 0.02: the density is narrower than a bin and uniform dequantization pays for the
+    empty part of the bin (gaps of 8 to 87 bits/dim), but the bound holds.
+    """
+    mu, vocab_size, samples = 0.1, 8, 64
+    x = np.array(x)
+    dims = x.shape[1]
+    out = jax.jit(
+        lambda key, x: likelihood.ode_bpd(
+            key,
+            x,
+            linear,
+            exact_eps_fn(mu, s),
+            vocab_size=vocab_size,
+            num_dequant_samples=samples,
+            divergence="exact",
+        )
+    )(jax.random.key(3), jnp.asarray(x))
+    assert bool(out.success)
+    to_bits = 1.0 / (dims * math.log(2))
+    nll, bound = _exact_discrete_and_bound(x.astype(np.float64), mu, s, vocab_size)
+    bpd = np.asarray(out.bpd, np.float64)
+    stderr = np.asarray(out.bpd_stderr, np.float64)
+    assert np.all(np.abs(bpd - bound * to_bits) < 4 * stderr + 1e-3)
+    assert np.all(bound >= nll)
+    assert np.all(np.asarray(out.bpd_importance_weighted) <= bpd + 1e-6)
+    if max_gap_bits is not None:
+        assert np.all((bound - nll) * to_bits < max_gap_bits)
+        iw = np.asarray(out.bpd_importance_weighted, np.float64)
+        np.testing.assert_allclose(iw, nll * to_bits, atol=0.02)
+    else:
+        assert np.all((bound - nll) * to_bits > 0.5)
+
+
+def test_dequantization_constant():
+    """Uniform p_Y = 1/2 on [-1, 1]^D is the uniform discrete model: log2 K bits per dim."""
+    dims, vocab_size = 5, 256
+    bits = (dims * math.log(2.0) + likelihood.dequantization_log_jacobian(dims, vocab_size)) / (
+        dims * math.log(2.0)
+    )
+    assert bits == pytest.approx(8.0)
+
+
+# ---- lower-variance ELBO estimation ----
+
+
+def test_proposal_sampling_is_the_inverse_cdf():
+    probs = jnp.array([0.5, 0.1, 0.1, 0.3])
+    proposal = likelihood.TimeProposal(probs)
+    u = jax.random.uniform(jax.random.key(0), (100_000,))
+    t, q_t = likelihood.sample_proposal(proposal, u)
+    hist = np.bincount(np.floor(np.asarray(t) * 4).astype(int), minlength=4) / t.size
+    np.testing.assert_allclose(hist, probs, atol=0.01)
+    np.testing.assert_allclose(q_t, likelihood.proposal_density(proposal, t), rtol=1e-6)
+    grid = (np.arange(4000) + 0.5) / 4000
+    assert float(jnp.mean(likelihood.proposal_density(proposal, grid))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["iid", "stratified", "shifted"])
+def test_time_uniforms_are_uniform_and_stratified(method):
+    u = np.asarray(likelihood.time_uniforms(jax.random.key(0), 2000, 8, method=method))
+    assert u.shape == (2000, 8) and u.min() >= 0 and u.max() < 1
+    assert u.mean() == pytest.approx(0.5, abs=0.01)
+    if method != "iid":  # each replicate of 4 points has one point in each quarter
+        quarters = np.sort(np.floor(u.reshape(2000, 2, 4) * 4), axis=-1)
+        assert np.all(quarters == np.arange(4))
+
+
+def test_importance_sampling_is_unbiased_and_lowers_the_standard_error():
+    """Gaussian data, exact denoiser, fixed linear schedule, K = 8 network calls per image.
+
+    The proposal is fitted on a pilot of 256 images x 8 uniform times (q proportional to the
+    root second moment of the loss per bin, 10% uniform mixed in). Per-image Monte Carlo
+    variance of the 8-sample estimate, measured from two independent evaluations of the same
+    images (D = 16, diffusion term ~95 nats): uniform iid 655, uniform stratified 219,
+    IS iid 159, IS stratified 140. Variance ratio against plain uniform t at equal cost:
+    4.1 for IS (2.8 at D = 8, 6 at D = 32), 4.7 for IS + stratification; and 1.6 for
+    IS + stratification against stratification alone. The reported standard errors match
+    the measured variance.
+    """
+    mu, s, dims, n, k = 0.3, 0.5, 16, 512, 8
+    eps_fn = exact_eps_fn(mu, s)
+    f = mu + s * jax.random.normal(jax.random.key(0), (n, dims))
+    expected = continuous_diffusion_loss(GAMMA_0, GAMMA_1, s, dims)
+
+    pilot = jax.jit(
+        lambda key: likelihood.diffusion_loss_samples(
+            key, f[:256], linear, eps_fn, num_samples=k, method="iid"
+        )
+    )(jax.random.key(1))
+    proposal = likelihood.fit_proposal(pilot.t, pilot.integrand, num_bins=16)
+    uniform = likelihood.uniform_proposal(16)
+
+    def run(method):
+        fn = jax.jit(
+            lambda key, prop: likelihood.replicate_mean_stderr(
+                likelihood.diffusion_loss_samples(
+                    key, f, linear, eps_fn, num_samples=k, method=method, proposal=prop
+                ).estimate,
+                likelihood.effective_replicates(k, 2, method),
+            )
+        )
+        results = {}
+        for name, prop in (("uniform", uniform), ("is", proposal)):
+            (m1, se1), (m2, _) = fn(jax.random.key(2), prop), fn(jax.random.key(3), prop)
+            m1, m2, se1 = (np.asarray(a, np.float64) for a in (m1, m2, se1))
+            results[name] = {
+                "mean": m1.mean(),
+                "pop_se": m1.std(ddof=1) / math.sqrt(n),
+                "mc_var": np.mean((m1 - m2) ** 2) / 2,
+                "reported_var": np.mean(se1**2),
+            }
+        return results
+
+    for method in ("iid", "stratified"):
+        res = run(method)
+        for r in res.values():
+            assert abs(r["mean"] - expected) < 4 * r["pop_se"]
+            assert r["reported_var"] == pytest.approx(r["mc_var"], rel=0.3)
+        diff_se = math.hypot(res["is"]["pop_se"], res["uniform"]["pop_se"])
+        assert abs(res["is"]["mean"] - res["uniform"]["mean"]) < 4 * diff_se
+        ratio = res["uniform"]["mc_var"] / res["is"]["mc_var"]
+        assert ratio > (3.0 if method == "iid" else 1.2), (method, ratio)
+
+
+def test_elbo_eval_is_unbiased_against_the_training_estimator():
+    """elbo_eval (IS + stratified, 8 times per image) and diffusion.vdm_terms have the same
+    mean over keys, and elbo_eval's total standard error is the measured spread."""
+    vocab_size, n, dims = 5, 256, 4
+    x = jax.random.randint(jax.random.key(0), (n, dims), 0, vocab_size)
+    eps_fn = exact_eps_fn(0.0, 0.6)  # any denoiser: both estimate the same ELBO
+    proposal = likelihood.TimeProposal(jnp.array([0.4, 0.3, 0.2, 0.1]))
+
+    @jax.jit
+    def evaluate(key):
+        return likelihood.elbo_eval(
+            key, x, linear, eps_fn, vocab_size=vocab_size, num_time_samples=8, proposal=proposal
+        )
+
+    @jax.jit
+    def reference(key):
+        keys = jax.random.split(key, 32)
+        terms = jax.vmap(
+            lambda k: diffusion.vdm_terms(x, k, linear, eps_fn, vocab_size=vocab_size)
+        )(keys)
+        return sum(terms.values())  # [32, N]
+
+    a, b = evaluate(jax.random.key(1)), evaluate(jax.random.key(2))
+    assert int(a.num_function_evals) == 8
+    ref = np.asarray(reference(jax.random.key(3)), np.float64)
+    total = np.asarray(a.total, np.float64)
+    np.testing.assert_allclose(
+        total, np.asarray(a.prior + a.recon + a.diffusion, np.float64), rtol=1e-5
+    )
+    mean, se = likelihood.split_mean_stderr(a.total, a.total_stderr)
+    ref_mean = ref.mean()
+    ref_se = ref.mean(axis=1).std(ddof=1) / math.sqrt(ref.shape[0])
+    assert abs(float(mean) - ref_mean) < 4 * math.hypot(float(se), ref_se)
+    mc_var = np.mean((total - np.asarray(b.total, np.float64)) ** 2) / 2
+    assert np.mean(np.asarray(a.total_stderr, np.float64) ** 2) == pytest.approx(mc_var, rel=0.3)
