@@ -196,3 +196,48 @@ def test_fourier_features_and_embedding():
     assert e.shape == (2, 7)
     np.testing.assert_allclose(e[0], [0, 0, 0, 1, 1, 1, 0], atol=1e-7)
     np.testing.assert_allclose(e[1, [0, 3]], [np.sin(3.0), np.cos(3.0)], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("channels", "min_size", "groups"), [(32, 1, 32), (64, 1, 32), (48, 1, 24), (32, 2, 16)]
+)
+def test_group_norm_min_group_size(channels, min_size, groups):
+    assert unet._group_norm(32, channels, jnp.float32, "n", min_size).num_groups == groups
+
+
+def test_reference_options_add_z_flag_and_groups():
+    """The options that reproduce the reference code (see vdm_jax.reference)."""
+    z, gamma, label = _inputs(3, 8)
+    label = jnp.array([0, 5])
+    # 64 channels in 32 groups of 2: with groups of 1, GroupNorm would erase the conditioning.
+    ref = dict(TINY, channels=64, label_input="flag", add_z_to_eps=True, min_group_size=1)
+    model = unet.ScoreUNet(**ref, num_classes=8)
+    shapes = _shapes(model, z, gamma, label)
+    # The flag widens cond_dense_0 by one input; there is no label embedding.
+    assert shapes["cond_dense_0"]["kernel"].shape == (64 + 1, 4 * 64)
+    assert "label_embed" not in shapes
+    # The unconditional variant has the same tree (the flag is then always 0).
+    uncond = unet.ScoreUNet(**ref)
+    assert _shapes(uncond, z, gamma, None) == shapes
+
+    # At initialisation eps_hat = z exactly (conv_out is zero).
+    init = jax.jit(lambda key: model.init(key, z, gamma, label, train=False)["params"])
+    np.testing.assert_array_equal(
+        _apply(model, init(jax.random.key(0, impl="rbg")), z, gamma, label), z
+    )
+
+    params = _random_params(model, z, gamma, label)
+    out = _apply(model, params, z, gamma, label)
+    # + z on top of the plain network.
+    plain = _apply(model.clone(add_z_to_eps=False), params, z, gamma, label)
+    np.testing.assert_allclose(out, plain + z, rtol=1e-6, atol=1e-6)
+    # The flag is label != 0: every nonzero label gives the same output, 0 the unflagged one,
+    # which is also what the unconditional model computes.
+    np.testing.assert_array_equal(_apply(model, params, z, gamma, jnp.array([0, 7])), out)
+    flipped = _apply(model, params, z, gamma, jnp.array([3, 0]))
+    assert np.abs(flipped - out).max() > 1e-4
+    np.testing.assert_array_equal(flipped[1], _apply(uncond, params, z, gamma)[1])
+    # 32 groups of 2 channels, not the default's 16 groups of 4.
+    assert np.abs(out - _apply(model.clone(min_group_size=4), params, z, gamma, label)).max() > 1e-4
+    with pytest.raises(ValueError, match="label_input must be one of"):
+        _shapes(unet.ScoreUNet(**TINY, label_input="concat"), z, gamma, None)

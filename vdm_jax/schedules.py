@@ -3,13 +3,16 @@
 A schedule maps time ``t`` in [0, 1] to ``gamma_t``, the log noise-to-signal ratio, with
 ``sigma_t^2 = sigmoid(gamma_t)``, ``alpha_t^2 = sigmoid(-gamma_t)`` and
 ``SNR(t) = exp(-gamma_t)``. Every schedule here is strictly increasing in ``t`` for any
-parameter values, so SNR decreases monotonically from t = 0 to t = 1.
+parameter values, so SNR decreases monotonically from t = 0 to t = 1 (one exception:
+``reference_net``, the reference code's network, is non-decreasing for any parameters and
+strictly increasing unless its kernels are all zero, as in that code).
 
 Schedules are Flax modules (they hold parameters) acting elementwise on ``t`` of any shape.
 The learned ones expose their endpoints as the parameters ``gamma_min`` (= gamma(0)) and
 ``log_gamma_range`` (gamma(1) = gamma_min + exp(log_gamma_range)); every other parameter
 shapes only the interior. :data:`ENDPOINT_PARAMS` names them so that training can give the
-endpoints ELBO gradients and the interior variance-minimising ones.
+endpoints ELBO gradients and the interior variance-minimising ones. ``reference_net`` (for
+checkpoints of the reference code) has no such split: train it with ELBO gradients only.
 
 The helper functions take ``gamma`` arrays and use sigmoid / log-sigmoid forms, which stay
 accurate in float32 far outside the paper's range [-13.3, 5].
@@ -155,15 +158,71 @@ class MonotoneNetSchedule(_LearnedEndpoints):
         return gamma_0 + gamma_range * shape
 
 
+class _AbsDense(nn.Module):
+    """``x @ |kernel| (+ bias)``: a Dense layer that is non-decreasing in every input."""
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    use_bias: bool = True
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        y = x @ jnp.abs(kernel)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,))
+        return y
+
+
+class ReferenceNetSchedule(nn.Module):
+    """The monotone network of the public reference code (google-research/vdm), as it is.
+
+    ``gamma(t) = l1(t) + l3(2 sigmoid(l2(2 t - 1)) - 1) / width``, where ``l(x) = x |W| + b``
+    (``l3`` without bias). The parameter tree is the reference's ``NoiseSchedule_NNet``:
+    ``l1`` {kernel [1, 1], bias [1]}, ``l2`` {kernel [1, width], bias [width]}, ``l3``
+    {kernel [width, 1]}; ``width = 0`` drops ``l2``, ``l3`` (the reference's
+    ``nonlinear=False``). Initialisation as there: ``l1`` gives the line from ``gamma_min``
+    to ``gamma_max``, the other kernels ~ N(0, 0.01^2), ``l2``'s bias 0.
+
+    ``d gamma / dt = |W1| + (4 / width) sum_j |W3_j| |W2_j| s_j (1 - s_j) >= 0`` (s_j the
+    sigmoids), so gamma is non-decreasing for any parameters and strictly increasing unless
+    all of ``|W1|`` and ``|W3_j W2_j|`` vanish; the endpoints are not parameters of their own
+    (no :data:`ENDPOINT_PARAMS`), so use ``schedule_grad="elbo"`` with it.
+    """
+
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    width: int = 1024
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        t = jnp.asarray(t, jnp.float32)[..., None]  # [..., 1]
+        l1 = _AbsDense(
+            1,
+            kernel_init=nn.initializers.constant(self.gamma_max - self.gamma_min),
+            bias_init=nn.initializers.constant(self.gamma_min),
+            name="l1",
+        )
+        h = l1(t)
+        if self.width > 0:
+            normal = nn.initializers.normal(0.01)
+            hidden = _AbsDense(self.width, kernel_init=normal, name="l2")(2.0 * (t - 0.5))
+            hidden = 2.0 * (jax.nn.sigmoid(hidden) - 0.5)
+            h = h + _AbsDense(1, kernel_init=normal, use_bias=False, name="l3")(hidden) / self.width
+        return h[..., 0]
+
+
 SCHEDULES: dict[str, type[nn.Module]] = {
     "fixed_linear": FixedLinearSchedule,
     "learned_linear": LearnedLinearSchedule,
     "monotone_net": MonotoneNetSchedule,
+    "reference_net": ReferenceNetSchedule,
 }
 
 
 def make_schedule(name: str, **kwargs) -> nn.Module:
-    """Builds a schedule by name: ``fixed_linear``, ``learned_linear`` or ``monotone_net``."""
+    """Builds a schedule by name: one of :data:`SCHEDULES`."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(SCHEDULES)}")
     return SCHEDULES[name](**kwargs)

@@ -19,6 +19,23 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
     ResBlock:  norm_0, conv_0, cond_proj, norm_1, conv_1 (zero-initialised),
                skip_proj (Dense 1x1, only when the input width differs: the up blocks)
     AttnBlock: norm, qkv (one fused Dense to 3 channels), proj_out (zero-initialised)
+
+The network computes the same function as the public reference code (google-research/vdm,
+``model_vdm.ScoreUNet``) when built with ``add_z_to_eps=True``, ``label_input="flag"`` and
+``min_group_size=1`` (:mod:`vdm_jax.reference` converts its checkpoints). Those three options
+are the only architectural differences; the defaults keep the network of the paper's text:
+
+* ``add_z_to_eps``: the reference returns ``conv_out(...) + z_t`` (its "base measure").
+* ``label_input="flag"``: the reference appends one scalar, the augmentation flag (0 or 1),
+  to the sinusoidal time embedding before the first conditioning Dense, which is therefore
+  ``channels + 1`` wide even for unconditional models (the flag is then 0). Our default adds
+  a learned label embedding after the second Dense instead.
+* ``min_group_size=1``: the reference uses Flax's GroupNorm with 32 groups at every width.
+  Both agree at the paper's widths (128, 256, 320 channels: 32 groups of at least 4).
+
+Smaller differences that do not change the function: the reference's ``cond_proj`` has no
+bias (ours is a superset: its bias loads as zeros), and it keeps q, k, v as three Dense
+layers (ours fuses them into ``qkv``, their kernels concatenated in that order).
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_MODES = ("middle", "all")
+LABEL_INPUTS = ("embed", "flag")
 
 
 def count_params(params: Any) -> int:
@@ -41,17 +59,21 @@ def count_params(params: Any) -> int:
 MIN_GROUP_SIZE = 4
 
 
-def _group_norm(num_groups: int, channels: int, dtype: Any, name: str) -> nn.GroupNorm:
-    """GroupNorm with at most ``num_groups`` groups and ``MIN_GROUP_SIZE`` channels per group.
+def _group_norm(
+    num_groups: int, channels: int, dtype: Any, name: str, min_group_size: int = MIN_GROUP_SIZE
+) -> nn.GroupNorm:
+    """GroupNorm with at most ``num_groups`` groups and ``min_group_size`` channels per group.
 
     The number of groups is the largest divisor of ``channels`` within both limits, so any
     width works (48 channels, 32 groups -> 12 groups of 4). The group size matters: with one
     channel per group, GroupNorm would subtract the per-channel shift that carries the
     conditioning into each ResNet block, and a narrow network (32 channels, 32 groups) would
     silently ignore ``gamma_t``. Paper widths (128 or 256 channels, 32 groups) are unaffected.
+    ``min_group_size=1`` gives exactly ``num_groups`` groups whenever they divide ``channels``
+    (the reference code's ``nn.GroupNorm()``, 32 groups at any width).
     Statistics are reduced in float32 whatever the compute dtype (``force_float32_reductions``).
     """
-    limit = max(min(num_groups, channels // MIN_GROUP_SIZE), 1)
+    limit = max(min(num_groups, channels // max(min_group_size, 1)), 1)
     groups = max(g for g in range(1, limit + 1) if channels % g == 0)
     return nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)
 
@@ -67,7 +89,9 @@ def sinusoidal_embedding(x: jax.Array, dim: int) -> jax.Array:
       [B, dim] float32.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    # The reference code's order of float32 operations, so that its checkpoints see the same
+    # embedding bit for bit: arange * -(log(10000) / (half - 1)), the constant in float64.
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / max(half - 1, 1)))
     args = x.astype(jnp.float32)[:, None] * freqs  # [B, half]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
@@ -100,15 +124,17 @@ class ResBlock(nn.Module):
     dropout_rate: float
     num_groups: int
     dtype: Any
+    min_group_size: int = MIN_GROUP_SIZE
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
         """[B, H, W, C_in], [B, E] -> [B, H, W, features] in ``dtype``."""
         feats, dtype = self.features, self.dtype
-        h = nn.swish(_group_norm(self.num_groups, x.shape[-1], dtype, "norm_0")(x))
+        groups, min_size = self.num_groups, self.min_group_size
+        h = nn.swish(_group_norm(groups, x.shape[-1], dtype, "norm_0", min_size)(x))
         h = nn.Conv(feats, (3, 3), dtype=dtype, name="conv_0")(h)
         h = h + nn.Dense(feats, dtype=dtype, name="cond_proj")(cond)[:, None, None]  # [B, 1, 1, F]
-        h = nn.swish(_group_norm(self.num_groups, feats, dtype, "norm_1")(h))
+        h = nn.swish(_group_norm(groups, feats, dtype, "norm_1", min_size)(h))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
         h = nn.Conv(feats, (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name="conv_1")(h)
         if x.shape[-1] != feats:
@@ -121,12 +147,14 @@ class AttnBlock(nn.Module):
 
     num_groups: int
     dtype: Any
+    min_group_size: int = MIN_GROUP_SIZE
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, C] -> [B, H, W, C] in ``dtype``; logits and softmax in float32."""
         b, hgt, wid, c = x.shape
-        h = _group_norm(self.num_groups, c, self.dtype, "norm")(x).reshape(b, hgt * wid, c)
+        norm = _group_norm(self.num_groups, c, self.dtype, "norm", self.min_group_size)
+        h = norm(x).reshape(b, hgt * wid, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # [B, T, 3C]
         q, k, v = jnp.split(qkv, 3, axis=-1)
         # Scale q (T x C) rather than the logits (T x T).
@@ -142,11 +170,12 @@ class ScoreUNet(nn.Module):
 
     Input: concat(z, Fourier features of z) -> ``conv_in``. Conditioning: ``t_cond =
     (gamma_t - gamma_min) / (gamma_max - gamma_min)``, sinusoidal embedding of ``1000 t_cond``
-    (width ``channels``) -> Dense(4 channels) -> swish -> Dense(4 channels) (+ label
-    embedding) -> swish, projected into every ResNet block. The conditioning MLP, Fourier
-    features, GroupNorm statistics, attention softmax and the output head (``norm_out``,
-    ``conv_out``) run in float32; everything else in ``dtype``. See the module docstring for
-    the parameter names.
+    (width ``channels``; with ``label_input="flag"`` one more entry, ``label != 0``) ->
+    Dense(4 channels) -> swish -> Dense(4 channels) (+ label embedding when
+    ``label_input="embed"``) -> swish, projected into every ResNet block. The conditioning
+    MLP, Fourier features, GroupNorm statistics, attention softmax and the output head
+    (``norm_out``, ``conv_out``) run in float32; everything else in ``dtype``. See the module
+    docstring for the parameter names and for the options that reproduce the reference code.
 
     Parameter counts for 3-channel inputs, no labels (from ``jax.eval_shape``; they do not
     depend on H, W): :func:`cifar10_unet` 30,586,243; :func:`imagenet64_unet` 237,636,355.
@@ -162,10 +191,19 @@ class ScoreUNet(nn.Module):
       fourier_max_exp: largest exponent k (inclusive).
       gamma_min: ``gamma_t`` that maps to ``t_cond = 0``.
       gamma_max: ``gamma_t`` that maps to ``t_cond = 1``.
-      num_classes: > 0 to condition on an integer label through an embedding added to the
-        time embedding; the call then requires ``label``.
+      num_classes: > 0 to condition on an integer label (see ``label_input``); the call then
+        requires ``label``.
+      label_input: how the label enters. ``"embed"``: a learned embedding (``label_embed``,
+        ``num_classes`` rows) added to the time embedding after ``cond_dense_1``. ``"flag"``:
+        the reference code's conditioning, the float ``label != 0`` (0 without a label)
+        appended to the sinusoidal embedding, so ``cond_dense_0`` has ``channels + 1`` inputs
+        and there is no ``label_embed``. With D4 augmentation labels (0 = identity) the flag
+        is the reference's "this image was augmented" input.
       num_groups: GroupNorm groups, at most; reduced to a divisor of the width that leaves
-        at least 4 channels per group, so any width works (see ``_group_norm``).
+        at least ``min_group_size`` channels per group, so any width works (``_group_norm``).
+      min_group_size: fewest channels per GroupNorm group (4); 1 for the reference layout.
+      add_z_to_eps: return ``conv_out(...) + z`` (the reference code's output); False
+        returns ``conv_out(...)``, which is zero at initialisation.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32.
       remat: rematerialise each ResNet and attention block in the backward pass.
     """
@@ -180,7 +218,10 @@ class ScoreUNet(nn.Module):
     gamma_min: float = -13.3
     gamma_max: float = 5.0
     num_classes: int = 0
+    label_input: str = "embed"
     num_groups: int = 32
+    min_group_size: int = MIN_GROUP_SIZE
+    add_z_to_eps: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
 
@@ -202,11 +243,13 @@ class ScoreUNet(nn.Module):
           train: enables dropout, which then draws from the ``'dropout'`` rng.
 
         Returns:
-          eps_hat: [B, H, W, C] float32. Exactly zero at initialisation (``conv_out`` is
-          zero-initialised).
+          eps_hat: [B, H, W, C] float32. At initialisation (``conv_out`` is zero-initialised)
+          exactly zero, or exactly ``z`` with ``add_z_to_eps``.
         """
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.label_input not in LABEL_INPUTS:
+            raise ValueError(f"label_input must be one of {LABEL_INPUTS}, got {self.label_input!r}")
         if (label is None) != (self.num_classes == 0):
             raise ValueError(
                 f"label must be given iff num_classes > 0 (num_classes={self.num_classes}, "
@@ -219,10 +262,14 @@ class ScoreUNet(nn.Module):
         gamma_t = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (b,))
         t_cond = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
         cond = sinusoidal_embedding(1000.0 * t_cond, width)  # [B, channels]
+        if label is not None:
+            label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))
+        if self.label_input == "flag":
+            flag = jnp.zeros((b,)) if label is None else (label != 0).astype(jnp.float32)
+            cond = jnp.concatenate([cond, flag[:, None]], axis=-1)  # [B, channels + 1]
         cond = nn.swish(nn.Dense(emb, name="cond_dense_0")(cond))
         cond = nn.Dense(emb, name="cond_dense_1")(cond)
-        if self.num_classes > 0:
-            label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))
+        if self.num_classes > 0 and self.label_input == "embed":
             cond = cond + nn.Embed(self.num_classes, emb, name="label_embed")(label)
         cond = nn.swish(cond)  # [B, 4 channels], once here rather than in every block
 
@@ -235,12 +282,14 @@ class ScoreUNet(nn.Module):
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
 
+        groups, min_size = self.num_groups, self.min_group_size
+
         def res(name: str, x: jax.Array) -> jax.Array:
-            block = res_cls(width, self.dropout_rate, self.num_groups, self.dtype, name=name)
+            block = res_cls(width, self.dropout_rate, groups, self.dtype, min_size, name=name)
             return block(x, cond, train)
 
         def attn(name: str, x: jax.Array) -> jax.Array:
-            return attn_cls(self.num_groups, self.dtype, name=name)(x)
+            return attn_cls(groups, self.dtype, min_size, name=name)(x)
 
         every = self.attention == "all"
         skips = [h]
@@ -258,8 +307,9 @@ class ScoreUNet(nn.Module):
                 h = attn(f"up_attn_{i}", h)
 
         # Output head in float32: one cheap conv, and eps_hat precision matters at low noise.
-        h = nn.swish(_group_norm(self.num_groups, width, jnp.float32, "norm_out")(h))
-        return nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        h = nn.swish(_group_norm(groups, width, jnp.float32, "norm_out", min_size)(h))
+        out = nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        return out + z.astype(jnp.float32) if self.add_z_to_eps else out
 
 
 def cifar10_unet(**overrides: Any) -> ScoreUNet:

@@ -1,0 +1,558 @@
+"""Checkpoints released with the reference VDM code (github.com/google-research/vdm), in vdm_jax.
+
+The reference code published two CIFAR-10 checkpoints (its README: ``--mode=eval`` reports
+``eval_bpd=2.637`` without and ``2.522`` with augmentation); see :data:`CHECKPOINTS`. This
+module reads them without TensorFlow and converts their parameters into the parameter tree of
+:class:`vdm_jax.model.VDM`, built with the options of :func:`score_net_kwargs` and
+:func:`schedule_spec`, so that our model computes the same function.
+
+**On-disk format** (CommonLoopUtils ``clu.checkpoint.Checkpoint``, which the reference uses
+through ``MultihostCheckpoint(workdir/checkpoints)``: host 0 writes the directory
+``checkpoints-0``, the directory the released URLs name)::
+
+    checkpoint                  TF ``CheckpointState`` text: model_checkpoint_path: "ckpt-N"
+    ckpt-N.index, ckpt-N.data-* TensorFlow state: only the save counter here (no tf_state)
+    ckpt-N.flax                 flax.serialization.to_bytes(TrainState): msgpack
+
+Only ``ckpt-N.flax`` is needed. It holds the state dict of the reference ``TrainState``:
+``{"step", "params", "ema_params", "opt_state"}``; ``params`` and ``ema_params`` are
+``{"score_model": ..., "gamma": ...}`` (``gamma`` absent for the fixed schedule). The
+reference evaluates with ``ema_params``. Local paths need nothing beyond Flax; ``gs://``
+paths are read with ``tensorflow.io.gfile``, imported only then (or copy the directory with
+``gsutil -m cp -r``).
+
+**Reference parameter layout** (``model_vdm.py``; n = ``sm_n_embd``, L = ``sm_n_layer``,
+C = image channels; every Dense / Conv has kernel and bias unless noted)::
+
+    score_model/dense0              kernel [n + 1, 4n]  (time embedding + conditioning flag)
+    score_model/dense1              kernel [4n, 4n]
+    score_model/conv_in             kernel [3, 3, 5C, n] with Fourier features (else [.., C, n])
+    score_model/down.block_{i<L}    ResnetBlock, input width n
+    score_model/down.attn_{i}       AttnBlock, only when ``with_attention``
+    score_model/mid.block_1, mid.attn_1, mid.block_2
+    score_model/up.block_{i<=L}     ResnetBlock, input width 2n (so with nin_shortcut)
+    score_model/up.attn_{i}         AttnBlock, only when ``with_attention``
+    score_model/GroupNorm_0         scale, bias [n]
+    score_model/conv_out            kernel [3, 3, n, C]
+    ResnetBlock: GroupNorm_0, conv1, cond_proj (kernel [4n, n], no bias), GroupNorm_1, conv2,
+                 nin_shortcut (kernel [in, n]; only when in != n)
+    AttnBlock:   GroupNorm_0, q, k, v, proj_out (kernels [n, n])
+    gamma: learnable_scalar  w [1], b [1]              gamma(t) = b + |w| t
+           learnable_nnet    l1, l2, l3                see schedules.ReferenceNetSchedule
+           fixed             (no parameters)
+
+Conversion (:func:`convert_params`): ``dense0/1`` -> ``cond_dense_0/1``; ResnetBlock ->
+ResBlock (``GroupNorm_0/1`` -> ``norm_0/1``, ``conv1/2`` -> ``conv_0/1``, ``nin_shortcut`` ->
+``skip_proj``, ``cond_proj`` bias = 0); AttnBlock (``q, k, v`` concatenated into ``qkv``);
+``mid.block_1, mid.attn_1, mid.block_2`` -> ``mid_res_0, mid_attn, mid_res_1``; final
+``GroupNorm_0`` -> ``norm_out``; ``learnable_scalar`` -> ``learned_linear`` with
+``gamma_min = b``, ``log_gamma_range = log |w|`` (equal up to float32 rounding of
+``exp(log |w|)``); ``learnable_nnet`` -> ``reference_net`` unchanged. Every other step is a
+rename: the converted model computes the reference function (``tests/test_reference.py``
+checks it against an independent re-derivation of the reference forward pass).
+
+The reference's conditioning input is a flag (0 = image not augmented); its evaluation and
+sampling always pass 0. Our ``label_input="flag"`` feeds ``label != 0``: 0 without labels
+(``conditioning="none"``) and for the identity D4 element, which is what our evaluation
+passes with ``conditioning="augmentation"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax import model, schedules, unet
+
+Params = dict[str, Any]
+
+# Where the reference README publishes the checkpoints, and what its --mode=eval reports.
+CHECKPOINTS = {
+    "cifar10": "gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0",
+    "cifar10_aug": "gs://gresearch/vdm/cifar10/aug-checkpoint-final/checkpoints-0",
+}
+REPORTED_BPD = {"cifar10": 2.637, "cifar10_aug": 2.522}
+
+# Fixed in the reference code: Fourier exponents range(6, 8), GroupNorm() with 32 groups, and
+# the gamma range that rescales gamma_t into [0, 1] for the time embedding (every config).
+FOURIER_MIN_EXP, FOURIER_MAX_EXP = 6, 7
+NUM_GROUPS = 32
+GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
+
+_SCHEDULE_TYPES = ("learnable_scalar", "learnable_nnet", "fixed")
+
+
+class ReferenceCheckpointError(ValueError):
+    """A checkpoint or parameter tree that does not follow the reference layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceArchitecture:
+    """What a reference parameter tree says about the model that made it.
+
+    Attributes:
+      channels: ``sm_n_embd``, the width of every block.
+      num_blocks: ``sm_n_layer``, ResNet blocks on the way down.
+      image_channels: C, channels of the data.
+      with_attention: attention after every down and up block (``with_attention``).
+      fourier_features: whether ``conv_in`` sees Fourier features of z.
+      gamma_type: ``learnable_scalar``, ``learnable_nnet`` or ``fixed``.
+      gamma_width: hidden width of ``learnable_nnet`` (0 for the others, or ``nonlinear=False``).
+    """
+
+    channels: int
+    num_blocks: int
+    image_channels: int
+    with_attention: bool
+    fourier_features: bool
+    gamma_type: str
+    gamma_width: int = 0
+
+
+def _path(key: tuple[str, ...]) -> str:
+    return "/".join(key)
+
+
+def _unwrap(reference_params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Accepts ``{"score_model", "gamma"}`` or the variables dict ``{"params": {...}}``."""
+    if set(reference_params) == {"params"}:
+        return reference_params["params"]
+    return reference_params
+
+
+def _shape(tree: Mapping[str, Any], *key: str) -> tuple[int, ...]:
+    node: Any = tree
+    for k in key:
+        if not isinstance(node, Mapping) or k not in node:
+            raise ReferenceCheckpointError(
+                f"not a reference VDM parameter tree: no {_path(key)!r} (top-level keys: "
+                f"{sorted(tree)}); expected the layout of google-research/vdm model_vdm.py"
+            )
+        node = node[k]
+    return tuple(np.shape(node))
+
+
+def infer_architecture(reference_params: Mapping[str, Any]) -> ReferenceArchitecture:
+    """Reads the model's sizes and options off a reference parameter tree.
+
+    Args:
+      reference_params: ``params`` or ``ema_params`` of a reference checkpoint.
+
+    Raises:
+      ReferenceCheckpointError: if the tree lacks the leaves the sizes are read from.
+    """
+    tree = _unwrap(reference_params)
+    score = tree.get("score_model") if isinstance(tree, Mapping) else None
+    if not isinstance(score, Mapping):
+        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        raise ReferenceCheckpointError(
+            f"not a reference VDM parameter tree: no 'score_model' (got {keys})"
+        )
+    channels = _shape(tree, "score_model", "conv_in", "kernel")[-1]
+    in_width = _shape(tree, "score_model", "conv_in", "kernel")[-2]
+    image_channels = _shape(tree, "score_model", "conv_out", "kernel")[-1]
+    down = [int(m.group(1)) for k in score if (m := re.fullmatch(r"down\.block_(\d+)", k))]
+    num_blocks = max(down, default=-1) + 1
+    n_freqs = FOURIER_MAX_EXP - FOURIER_MIN_EXP + 1
+    if in_width == image_channels * (1 + 2 * n_freqs):
+        fourier = True
+    elif in_width == image_channels:
+        fourier = False
+    else:
+        raise ReferenceCheckpointError(
+            f"score_model/conv_in/kernel has {in_width} input channels; expected "
+            f"{image_channels} (no Fourier features) or {image_channels * (1 + 2 * n_freqs)}"
+        )
+    gamma = tree.get("gamma", {})
+    if not gamma:
+        gamma_type, gamma_width = "fixed", 0
+    elif "w" in gamma or "b" in gamma:
+        gamma_type, gamma_width = "learnable_scalar", 0
+    elif "l1" in gamma:
+        gamma_type = "learnable_nnet"
+        gamma_width = _shape(tree, "gamma", "l2", "kernel")[-1] if "l2" in gamma else 0
+    else:
+        raise ReferenceCheckpointError(
+            f"unknown reference noise schedule with parameters {sorted(gamma)}; expected "
+            "learnable_scalar (w, b), learnable_nnet (l1, l2, l3) or fixed (none)"
+        )
+    return ReferenceArchitecture(
+        channels=channels,
+        num_blocks=num_blocks,
+        image_channels=image_channels,
+        with_attention="down.attn_0" in score or "up.attn_0" in score,
+        fourier_features=fourier,
+        gamma_type=gamma_type,
+        gamma_width=gamma_width,
+    )
+
+
+def score_net_kwargs(
+    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+) -> dict[str, Any]:
+    """Keyword arguments of :class:`vdm_jax.unet.ScoreUNet` for the reference function.
+
+    ``gamma_min`` / ``gamma_max`` are the reference config's (only used to rescale gamma_t;
+    -13.3 and 5 in all its configs). Dropout (0.1 for CIFAR-10, 0.05 with augmentation in the
+    reference configs) is not stored in a checkpoint and does not matter for evaluation.
+    """
+    return dict(
+        num_blocks=arch.num_blocks,
+        channels=arch.channels,
+        attention="all" if arch.with_attention else "middle",
+        fourier_features=arch.fourier_features,
+        fourier_min_exp=FOURIER_MIN_EXP,
+        fourier_max_exp=FOURIER_MAX_EXP,
+        gamma_min=gamma_min,
+        gamma_max=gamma_max,
+        label_input="flag",
+        num_groups=NUM_GROUPS,
+        min_group_size=1,
+        add_z_to_eps=True,
+    )
+
+
+def schedule_spec(
+    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+) -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` for :func:`vdm_jax.schedules.make_schedule` (the fixed schedule's
+    ``gamma_min`` / ``gamma_max`` are not stored in a checkpoint: pass the config's)."""
+    kwargs: dict[str, Any] = {"gamma_min": gamma_min, "gamma_max": gamma_max}
+    if arch.gamma_type == "learnable_scalar":
+        return "learned_linear", kwargs
+    if arch.gamma_type == "learnable_nnet":
+        return "reference_net", {**kwargs, "width": arch.gamma_width}
+    return "fixed_linear", kwargs
+
+
+def model_overrides(
+    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+) -> dict[str, Any]:
+    """``config.model`` fields (by name) that make the runner build the reference function.
+
+    Score-network fields as in :func:`score_net_kwargs` plus ``schedule`` (and
+    ``schedule_width`` for ``reference_net``), ``timesteps = 0`` (continuous time, as in the
+    released configs) and, for ``reference_net``, ``schedule_grad = "elbo"``.
+    ``conditioning`` stays the config's: ``"none"`` for ``cifar10``, ``"augmentation"`` for
+    ``cifar10_aug`` (both evaluate with the flag 0, as the reference does).
+    """
+    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
+    overrides = {**score_net_kwargs(arch, gamma_min, gamma_max), "schedule": name, "timesteps": 0}
+    if name == "reference_net":
+        overrides["schedule_width"] = kwargs["width"]
+        overrides["schedule_grad"] = "elbo"
+    return overrides
+
+
+def build_model(
+    arch: ReferenceArchitecture,
+    *,
+    num_classes: int = 0,
+    gamma_min: float = GAMMA_MIN,
+    gamma_max: float = GAMMA_MAX,
+    dtype: Any = jnp.float32,
+) -> model.VDM:
+    """Our :class:`vdm_jax.model.VDM` that computes the reference model's function.
+
+    Args:
+      arch: from :func:`infer_architecture`.
+      num_classes: 0 (unconditional, flag always 0) or the number of labels the model is
+        called with (e.g. 8 D4 elements; the flag is ``label != 0``).
+      gamma_min, gamma_max: the reference config's values.
+      dtype: compute dtype of the score network.
+    """
+    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
+    net = unet.ScoreUNet(
+        **score_net_kwargs(arch, gamma_min, gamma_max), num_classes=num_classes, dtype=dtype
+    )
+    return model.VDM(schedules.make_schedule(name, **kwargs), net)
+
+
+class _Reader:
+    """Takes leaves out of a flattened reference tree, recording what is missing or wrong."""
+
+    def __init__(self, tree: Mapping[str, Any]):
+        flat = flax.traverse_util.flatten_dict(dict(tree), keep_empty_nodes=False)
+        self.left = dict(flat)
+        self.missing: list[str] = []
+        self.bad_shapes: list[str] = []
+
+    def take(self, key: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.left:
+            self.missing.append(_path(key))
+            return np.zeros(shape, np.float32)
+        value = np.asarray(self.left.pop(key))
+        if value.shape != shape:
+            self.bad_shapes.append(f"{_path(key)}: {value.shape}, expected {shape}")
+            return np.zeros(shape, np.float32)
+        return value.astype(np.float32)
+
+    def dense(self, key: tuple[str, ...], n_in: int, n_out: int, bias: bool = True) -> Params:
+        out = {"kernel": self.take((*key, "kernel"), (n_in, n_out))}
+        out["bias"] = self.take((*key, "bias"), (n_out,)) if bias else np.zeros(n_out, np.float32)
+        return out
+
+    def conv(self, key: tuple[str, ...], n_in: int, n_out: int) -> Params:
+        return {
+            "kernel": self.take((*key, "kernel"), (3, 3, n_in, n_out)),
+            "bias": self.take((*key, "bias"), (n_out,)),
+        }
+
+    def norm(self, key: tuple[str, ...], n: int) -> Params:
+        return {"scale": self.take((*key, "scale"), (n,)), "bias": self.take((*key, "bias"), (n,))}
+
+    def resnet_block(self, key: tuple[str, ...], n_in: int, n: int) -> Params:
+        out = {
+            "norm_0": self.norm((*key, "GroupNorm_0"), n_in),
+            "conv_0": self.conv((*key, "conv1"), n_in, n),
+            # The reference's cond_proj has no bias: ours, zero, adds nothing.
+            "cond_proj": self.dense((*key, "cond_proj"), 4 * n, n, bias=False),
+            "norm_1": self.norm((*key, "GroupNorm_1"), n),
+            "conv_1": self.conv((*key, "conv2"), n, n),
+        }
+        if n_in != n:
+            out["skip_proj"] = self.dense((*key, "nin_shortcut"), n_in, n)
+        return out
+
+    def attn_block(self, key: tuple[str, ...], n: int) -> Params:
+        q, k, v = (self.dense((*key, name), n, n) for name in ("q", "k", "v"))
+        return {
+            "norm": self.norm((*key, "GroupNorm_0"), n),
+            "qkv": {
+                part: np.concatenate([q[part], k[part], v[part]], axis=-1)
+                for part in ("kernel", "bias")
+            },
+            "proj_out": self.dense((*key, "proj_out"), n, n),
+        }
+
+
+def convert_params(
+    reference_params: Mapping[str, Any], arch: ReferenceArchitecture | None = None
+) -> Params:
+    """Converts reference parameters into ours: ``{"score_net": ..., "schedule": ...}``.
+
+    Args:
+      reference_params: ``params`` or ``ema_params`` of a reference checkpoint, i.e.
+        ``{"score_model": ..., "gamma": ...}`` (or wrapped as ``{"params": ...}``).
+      arch: the architecture, if known; else read off the tree (:func:`infer_architecture`).
+
+    Returns:
+      Float32 numpy arrays in the tree of ``build_model(arch).init(...)["params"]``
+      (``schedule`` absent for the fixed schedule).
+
+    Raises:
+      ReferenceCheckpointError: listing every missing key, unexpected key and wrong shape.
+    """
+    tree = _unwrap(reference_params)
+    arch = arch or infer_architecture(tree)
+    if arch.gamma_type not in _SCHEDULE_TYPES:
+        raise ReferenceCheckpointError(f"gamma_type must be one of {_SCHEDULE_TYPES}")
+    r = _Reader(tree)
+    n, c = arch.channels, arch.image_channels
+    n_freqs = FOURIER_MAX_EXP - FOURIER_MIN_EXP + 1
+    c_in = c * (1 + 2 * n_freqs) if arch.fourier_features else c
+    s = ("score_model",)
+
+    net: Params = {
+        "cond_dense_0": r.dense((*s, "dense0"), n + 1, 4 * n),
+        "cond_dense_1": r.dense((*s, "dense1"), 4 * n, 4 * n),
+        "conv_in": r.conv((*s, "conv_in"), c_in, n),
+    }
+    for i in range(arch.num_blocks):
+        net[f"down_{i}"] = r.resnet_block((*s, f"down.block_{i}"), n, n)
+        if arch.with_attention:
+            net[f"down_attn_{i}"] = r.attn_block((*s, f"down.attn_{i}"), n)
+    net["mid_res_0"] = r.resnet_block((*s, "mid.block_1"), n, n)
+    net["mid_attn"] = r.attn_block((*s, "mid.attn_1"), n)
+    net["mid_res_1"] = r.resnet_block((*s, "mid.block_2"), n, n)
+    for i in range(arch.num_blocks + 1):
+        net[f"up_{i}"] = r.resnet_block((*s, f"up.block_{i}"), 2 * n, n)
+        if arch.with_attention:
+            net[f"up_attn_{i}"] = r.attn_block((*s, f"up.attn_{i}"), n)
+    net["norm_out"] = r.norm((*s, "GroupNorm_0"), n)
+    net["conv_out"] = r.conv((*s, "conv_out"), n, c)
+    out: Params = {"score_net": net}
+
+    if arch.gamma_type == "learnable_scalar":
+        w = r.take(("gamma", "w"), (1,))
+        b = r.take(("gamma", "b"), (1,))
+        with np.errstate(divide="ignore"):  # |w| = 0 gives log 0 = -inf, and exp(-inf) = 0.
+            log_range = np.asarray(np.log(np.abs(w[0])), np.float32)
+        out["schedule"] = {"gamma_min": np.asarray(b[0], np.float32), "log_gamma_range": log_range}
+    elif arch.gamma_type == "learnable_nnet":
+        sched = {"l1": r.dense(("gamma", "l1"), 1, 1)}
+        if arch.gamma_width > 0:
+            sched["l2"] = r.dense(("gamma", "l2"), 1, arch.gamma_width)
+            sched["l3"] = {"kernel": r.take(("gamma", "l3", "kernel"), (arch.gamma_width, 1))}
+        out["schedule"] = sched
+
+    problems = []
+    if r.missing:
+        problems.append(f"missing keys: {r.missing}")
+    if r.left:
+        problems.append(f"unexpected keys: {sorted(_path(k) for k in r.left)}")
+    if r.bad_shapes:
+        problems.append(f"wrong shapes: {r.bad_shapes}")
+    if problems:
+        raise ReferenceCheckpointError(
+            f"parameters do not follow the reference VDM layout for {arch}: " + "; ".join(problems)
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the checkpoint files.
+
+
+def _is_url(path: str) -> bool:
+    return re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I) is not None
+
+
+def _gfile():
+    try:
+        import tensorflow as tf  # Only for remote paths: TF is not a dependency.
+    except ImportError as e:
+        raise ImportError(
+            "reading a checkpoint from a URL (gs://...) needs TensorFlow's tf.io.gfile, which "
+            "is not installed; copy the directory first, e.g. "
+            f"`gsutil -m cp -r {CHECKPOINTS['cifar10']} /tmp/vdm_cifar10`, and pass the local "
+            "path"
+        ) from e
+    return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+    return _gfile().exists(path) if _is_url(path) else os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+    return _gfile().isdir(path) if _is_url(path) else os.path.isdir(path)
+
+
+def _listdir(path: str) -> list[str]:
+    return [p.rstrip("/") for p in _gfile().listdir(path)] if _is_url(path) else os.listdir(path)
+
+
+def _read(path: str, mode: str = "rb") -> Any:
+    if _is_url(path):
+        with _gfile().GFile(path, mode) as f:
+            return f.read()
+    with open(path, mode) as f:
+        return f.read()
+
+
+def _join(directory: str, name: str) -> str:
+    return (
+        f"{directory.rstrip('/')}/{name}" if _is_url(directory) else os.path.join(directory, name)
+    )
+
+
+def _number(name: str) -> int:
+    m = re.search(r"-(\d+)\.flax$", name)
+    return int(m.group(1)) if m else -1
+
+
+def find_flax_file(path: str) -> str:
+    """The ``ckpt-N.flax`` file that ``clu.checkpoint.Checkpoint(path).restore_dict()`` reads.
+
+    Args:
+      path: a checkpoint directory (e.g. ``.../checkpoints-0``; its ``checkpoint`` file names
+        the latest checkpoint, as TensorFlow's CheckpointManager wrote it; without one, the
+        highest-numbered ``*.flax``), a checkpoint prefix (``.../ckpt-3``) or a ``.flax`` file.
+
+    Raises:
+      FileNotFoundError: with what the directory holds, if there is no such file.
+    """
+    if not _isdir(path):
+        for candidate in (path, f"{path}.flax"):
+            if candidate.endswith(".flax") and _exists(candidate) and not _isdir(candidate):
+                return candidate
+        raise FileNotFoundError(f"no reference checkpoint at {path!r} (nor {path + '.flax'!r})")
+    index = _join(path, "checkpoint")
+    if _exists(index):
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', _read(index, "r"), re.M)
+        if m:
+            prefix = m.group(1)
+            # TF writes paths relative to the directory, but older files may hold the absolute
+            # path of the machine that trained: then look for the same name here.
+            for candidate in (prefix, os.path.basename(prefix)):
+                if _is_url(candidate) or os.path.isabs(candidate):
+                    full = f"{candidate}.flax"
+                else:
+                    full = _join(path, f"{candidate}.flax")
+                if _exists(full):
+                    return full
+    flax_files = sorted((f for f in _listdir(path) if f.endswith(".flax")), key=_number)
+    if flax_files:
+        return _join(path, flax_files[-1])
+    raise FileNotFoundError(
+        f"no reference checkpoint (ckpt-N.flax) in {path!r}; it holds {sorted(_listdir(path))}"
+    )
+
+
+def load_reference_checkpoint(path: str) -> dict[str, Any]:
+    """The raw state dict of a reference (clu) checkpoint, read without TensorFlow.
+
+    Args:
+      path: see :func:`find_flax_file`.
+
+    Returns:
+      ``{"step", "params", "ema_params", "opt_state"}`` as nested dicts of numpy arrays, as
+      ``clu.checkpoint.Checkpoint(path).restore_dict()`` returns them.
+    """
+    flax_path = find_flax_file(path)
+    state = flax.serialization.msgpack_restore(_read(flax_path))
+    if not isinstance(state, dict):
+        raise ReferenceCheckpointError(f"{flax_path!r} does not hold a state dict")
+    return state
+
+
+class RestoredReference(NamedTuple):
+    """A reference checkpoint in our layout.
+
+    Attributes:
+      params: the trained parameters, ``{"score_net": ..., "schedule": ...}``.
+      ema_params: their EMA (what the reference evaluates and samples with).
+      step: the training step of the checkpoint.
+      arch: the reference architecture (see :func:`build_model`, :func:`model_overrides`).
+    """
+
+    params: Params
+    ema_params: Params
+    step: int
+    arch: ReferenceArchitecture
+
+
+def restore_reference(path: str) -> RestoredReference:
+    """Loads and converts a reference checkpoint (see :func:`load_reference_checkpoint`)."""
+    state = load_reference_checkpoint(path)
+    missing = [k for k in ("params", "ema_params") if k not in state]
+    if missing:
+        raise ReferenceCheckpointError(
+            f"reference checkpoint {path!r} has no {missing}; it holds {sorted(state)}"
+        )
+    arch = infer_architecture(state["ema_params"])
+    return RestoredReference(
+        params=convert_params(state["params"], arch),
+        ema_params=convert_params(state["ema_params"], arch),
+        step=int(np.asarray(state.get("step", 0))),
+        arch=arch,
+    )
+
+
+def restore_reference_for_eval(path: str) -> tuple[Params, Params]:
+    """``(params, ema_params)`` of a reference checkpoint, converted to our layout.
+
+    The model to evaluate them with is :func:`build_model` of
+    ``infer_architecture(...)``, i.e. the runner's model with :func:`model_overrides`
+    applied to ``config.model`` (use :func:`restore_reference` to get the architecture too).
+    """
+    restored = restore_reference(path)
+    return restored.params, restored.ema_params
