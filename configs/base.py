@@ -1,0 +1,93 @@
+"""Base config: every field of an experiment, with the VDM paper's CIFAR-10 defaults.
+
+Derived configs (``cifar10.py``, ``digits.py``, ...) import :func:`get_config` and change a
+few fields. Any field can be overridden on the command line, e.g.
+``--config.training.batch_size=64``; :func:`vdm_jax.config_validation.validate` checks every
+value before a run starts.
+
+Fields:
+  seed: one seed for initialisation, training randomness, data order, eval and sampling.
+  data.name: a dataset of :data:`vdm_jax.data.DATASETS`.
+  data.vocab_size: K, checked against the dataset (the bpd depends on it).
+  data.data_dir: TFDS data directory (None: TFDS's default).
+  data.augment: random dihedral (D4) augmentation of training images.
+  model.*: the noise schedule, the loss and the score U-Net (see :mod:`vdm_jax.unet`).
+    ``conditioning`` is "none", "label" (the dataset's class) or "augmentation" (the D4
+    index; needs ``data.augment``; evaluation and sampling use the identity, 0).
+  optimizer.*: AdamW with linear warmup, optional global-norm clipping (0 disables), EMA.
+  training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
+    draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
+  eval.*: global batch size and time samples per image of the whole-split bpd.
+  sample.*: number of samples, global batch, sampler steps, sampler and decoding.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """All fields, with the paper's CIFAR-10 settings (no augmentation)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "cifar10"
+    config.data.vocab_size = 256
+    config.data.data_dir = config_dict.placeholder(str)
+    config.data.augment = False
+
+    config.model = ml_collections.ConfigDict()
+    # Noise schedule: monotone network with learned endpoints (paper, appendix).
+    config.model.schedule = "monotone_net"
+    config.model.schedule_width = 1024  # Hidden width of the network schedules.
+    config.model.gamma_min = -13.3
+    config.model.gamma_max = 5.0
+    # "variance": endpoints on the ELBO, interior on the variance of the loss (paper, sec. 5).
+    config.model.schedule_grad = "variance"
+    config.model.timesteps = 0  # 0: continuous time; T > 0: the T-step discrete loss.
+    config.model.antithetic_time = True
+    config.model.conditioning = "none"
+    # Score network: the paper's CIFAR-10 U-Net.
+    config.model.num_blocks = 32
+    config.model.channels = 128
+    config.model.dropout_rate = 0.1
+    config.model.attention = "middle"
+    config.model.fourier_features = True
+    config.model.fourier_min_exp = 6
+    config.model.fourier_max_exp = 7
+    config.model.num_groups = 32
+    config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+    config.model.remat = False
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-4
+    config.optimizer.warmup_steps = 100
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 0.01
+    config.optimizer.grad_clip_norm = 0.0  # 0: no clipping.
+    config.optimizer.ema_rate = 0.9999
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 128
+    config.training.num_steps = 10_000_000
+    config.training.log_every = 100
+    config.training.eval_every = 50_000
+    config.training.sample_every = 50_000
+    config.training.checkpoint_every = 5_000
+    config.training.max_to_keep = 3
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 128
+    config.eval.num_time_samples = 1
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.num_samples = 64
+    config.sample.batch_size = 64
+    config.sample.num_steps = 1000
+    config.sample.sampler = "ancestral"
+    config.sample.decode = "argmax"
+    return config

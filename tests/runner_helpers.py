@@ -1,0 +1,114 @@
+"""Shared helpers for the experiment-runner tests: tiny configs, subprocess runs, restores."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import test as test_config
+from vdm_jax import checkpoint, data, sharding, state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The runner tests compile the same few programs many times (a run, its resumption, its
+# eval, child processes): a persistent compilation cache, shared with the children through
+# the environment, turns the repeats into cache hits.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vdm_jax_xla_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """``configs/test.py`` with dotted overrides: ``tiny_config(**{"training.num_steps": 2})``."""
+    config = test_config.get_config()
+    for field, value in overrides.items():
+        *parents, name = field.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return config
+
+
+def flag_overrides(**overrides: Any) -> list[str]:
+    """The same overrides as command-line flags for ``experiments.main``."""
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def main_command(workdir: str, *args: str, mode: str = "train") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=configs/test.py",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *args,
+    ]
+
+
+def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
+    """The environment for a child run: CPU only, with ``num_devices`` simulated devices
+    (default: the parent's XLA_FLAGS, so that it compiles the same programs)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    if num_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def run_main(workdir: str, *args: str, mode: str = "train", timeout: float = 300) -> str:
+    """Runs ``experiments.main`` to completion and returns its combined output."""
+    result = subprocess.run(
+        main_command(workdir, *args, mode=mode),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str) -> state.TrainState:
+    """The latest checkpoint of ``workdir``, on this process's devices, as numpy arrays."""
+    info = data.get_info(config.data.name, config.data.data_dir)
+    vdm = state.create_model(config, info)
+    mesh = sharding.make_mesh(jax.local_devices()[:1])
+    abstract = state.abstract_train_state(config, info, vdm, state.create_optimizer(config), mesh)
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    try:
+        restored = checkpoint.restore_latest(manager, abstract)
+    finally:
+        manager.close()
+    assert restored is not None, f"no checkpoint in {workdir}"
+    return jax.tree.map(np.asarray, restored)
+
+
+def assert_trees_close(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def latest_step(workdir: str) -> int | None:
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()

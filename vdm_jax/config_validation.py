@@ -1,0 +1,203 @@
+"""Checks an experiment config before any work: every bad value named with what is allowed.
+
+:func:`validate` collects every problem it finds and raises one :class:`ConfigError` listing
+them all, each as ``config.<field>=<value> <what is wrong> (allowed: ...)``, so a run never
+starts (or fails an hour in) on a typo, a batch that does not split over the devices, or a
+vocabulary that does not match the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from vdm_jax import data, model, samplers, schedules, unet
+
+DTYPES = ("float32", "bfloat16")
+CONDITIONINGS = ("none", "label", "augmentation")
+_MAX_SEED = 2**32
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names every bad field."""
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def _choice(
+    problems: list[str], config: ml_collections.ConfigDict, field: str, allowed: Sequence[str]
+) -> None:
+    value = _get(config, field)
+    _check(
+        problems,
+        value in allowed,
+        f"config.{field}={value!r} is not a known name (allowed: {sorted(allowed)})",
+    )
+
+
+def _range(
+    problems: list[str],
+    config: ml_collections.ConfigDict,
+    field: str,
+    test: Callable[[Any], bool],
+    allowed: str,
+) -> None:
+    value = _get(config, field)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and test(value)
+    _check(problems, ok, f"config.{field}={value!r} is out of range (allowed: {allowed})")
+
+
+def _divisible(
+    problems: list[str], config: ml_collections.ConfigDict, field: str, n: int, what: str
+) -> None:
+    value = _get(config, field)
+    _check(
+        problems,
+        isinstance(value, int) and value > 0 and value % n == 0,
+        f"config.{field}={value!r} must be a positive multiple of the {n} {what}",
+    )
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int,
+    process_count: int,
+    info: data.DatasetInfo | None = None,
+) -> None:
+    """Raises :class:`ConfigError` naming every invalid field of ``config``.
+
+    Args:
+      config: an experiment config (see ``configs/base.py``).
+      num_devices: devices of the mesh the run uses, over all hosts.
+      process_count: number of hosts (JAX processes).
+      info: the dataset's facts, to check the vocabulary and labels against; None skips
+        those checks (and the dataset's name is still checked).
+
+    Raises:
+      ConfigError: listing each bad field, its value and the allowed values.
+    """
+    problems: list[str] = []
+    positive = "an integer >= 1"
+
+    _range(problems, config, "seed", lambda v: isinstance(v, int) and 0 <= v < _MAX_SEED,
+           "an integer in [0, 2**32)")  # fmt: skip
+
+    # Names chosen from registries.
+    _choice(problems, config, "data.name", list(data.DATASETS))
+    _choice(problems, config, "model.schedule", list(schedules.SCHEDULES))
+    _choice(problems, config, "model.schedule_grad", model.SCHEDULE_GRADS)
+    _choice(problems, config, "model.attention", unet.ATTENTION_MODES)
+    _choice(problems, config, "model.dtype", DTYPES)
+    _choice(problems, config, "model.conditioning", CONDITIONINGS)
+    _choice(problems, config, "sample.sampler", samplers.SAMPLERS)
+    _choice(problems, config, "sample.decode", samplers.DECODERS)
+
+    _check(
+        problems,
+        not (config.model.schedule == "reference_net" and config.model.schedule_grad == "variance"),
+        "config.model.schedule_grad='variance' needs a schedule with endpoint parameters; "
+        "config.model.schedule='reference_net' has none (allowed: 'elbo')",
+    )
+
+    # Batches split evenly over hosts and devices (devices is a multiple of hosts).
+    for field in ("training.batch_size", "eval.batch_size", "sample.batch_size"):
+        _divisible(problems, config, field, num_devices, "devices")
+        if num_devices % process_count:
+            _divisible(problems, config, field, process_count, "processes")
+
+    # Step counts and intervals.
+    for field in (
+        "training.num_steps",
+        "training.log_every",
+        "training.eval_every",
+        "training.sample_every",
+        "training.checkpoint_every",
+        "training.max_to_keep",
+        "eval.num_time_samples",
+        "sample.num_samples",
+        "sample.num_steps",
+        "model.schedule_width",
+        "model.num_blocks",
+        "model.channels",
+        "model.num_groups",
+    ):
+        _range(problems, config, field, lambda v: isinstance(v, int) and v >= 1, positive)
+    _range(problems, config, "model.timesteps", lambda v: isinstance(v, int) and v >= 0,
+           "0 (continuous time) or an integer T >= 1")  # fmt: skip
+    timesteps, sample_steps = config.model.timesteps, config.sample.num_steps
+    _check(
+        problems,
+        not (isinstance(timesteps, int) and timesteps > 0) or sample_steps == timesteps,
+        f"config.sample.num_steps={sample_steps!r} must equal config.model.timesteps="
+        f"{timesteps} for a discrete-time model (allowed: {timesteps})",
+    )
+
+    # Model and optimizer values.
+    _check(
+        problems,
+        config.model.gamma_min < config.model.gamma_max,
+        f"config.model.gamma_min={config.model.gamma_min!r} must be below "
+        f"config.model.gamma_max={config.model.gamma_max!r}",
+    )
+    _range(problems, config, "model.dropout_rate", lambda v: 0 <= v < 1, "[0, 1)")
+    _check(
+        problems,
+        config.model.fourier_min_exp <= config.model.fourier_max_exp,
+        f"config.model.fourier_min_exp={config.model.fourier_min_exp!r} must be <= "
+        f"config.model.fourier_max_exp={config.model.fourier_max_exp!r}",
+    )
+    _range(problems, config, "optimizer.learning_rate", lambda v: v > 0, "a number > 0")
+    _range(problems, config, "optimizer.warmup_steps", lambda v: isinstance(v, int) and v >= 0,
+           "an integer >= 0")  # fmt: skip
+    _range(problems, config, "optimizer.b1", lambda v: 0 <= v < 1, "[0, 1)")
+    _range(problems, config, "optimizer.b2", lambda v: 0 <= v < 1, "[0, 1)")
+    _range(problems, config, "optimizer.eps", lambda v: v > 0, "a number > 0")
+    _range(problems, config, "optimizer.weight_decay", lambda v: v >= 0, "a number >= 0")
+    _range(problems, config, "optimizer.grad_clip_norm", lambda v: v >= 0,
+           "a number >= 0 (0 disables clipping)")  # fmt: skip
+    _range(problems, config, "optimizer.ema_rate", lambda v: 0 <= v < 1, "[0, 1)")
+
+    # Conditioning and augmentation agree.
+    conditioning, augment = config.model.conditioning, config.data.augment
+    _check(
+        problems,
+        (conditioning == "augmentation") == bool(augment) or conditioning == "none",
+        f"config.model.conditioning={conditioning!r} does not fit config.data.augment={augment} "
+        "(allowed: 'augmentation' or 'none' with augment=True; 'none' or 'label' without)",
+    )
+
+    if info is not None:
+        _check(
+            problems,
+            config.data.vocab_size == info.vocab_size,
+            f"config.data.vocab_size={config.data.vocab_size!r} does not match dataset "
+            f"{info.name!r} (allowed: {info.vocab_size})",
+        )
+        _check(
+            problems,
+            conditioning != "label" or info.num_classes > 0,
+            f"config.model.conditioning='label' needs labels, and dataset {info.name!r} has "
+            "none (allowed: 'none')",
+        )
+        _check(
+            problems,
+            not augment or info.shape[0] == info.shape[1],
+            f"config.data.augment=True needs square images, dataset {info.name!r} has "
+            f"{info.shape} (allowed: False)",
+        )
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
