@@ -1,0 +1,60 @@
+"""Asynchronous orbax checkpoints of the whole :class:`~vdm_jax.state.TrainState`.
+
+A checkpoint is the state pytree alone: the data position is its step (batches are a pure
+function of ``(seed, step)``) and the PRNG key is in the state. Checkpoints live in
+``{workdir}/checkpoints/{step}``; the latest is restored automatically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+from vdm_jax.state import TrainState
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where the checkpoints of ``workdir`` live."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(
+    workdir: str, *, max_to_keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A manager that saves asynchronously and keeps the last ``max_to_keep`` checkpoints."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=True,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+    """Starts saving ``state`` as checkpoint ``step``; returns once it is copied off device.
+
+    The write itself continues in the background (``manager.wait_until_finished`` waits for
+    it), so the next training step may donate the state's buffers.
+    """
+    if step in manager.all_steps():
+        return
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    logging.info("Saving checkpoint %d to %s.", step, manager.directory)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
+    """The latest checkpoint, laid out like ``abstract_state``, or None if there is none.
+
+    Args:
+      manager: the workdir's checkpoint manager.
+      abstract_state: ``jax.ShapeDtypeStruct`` leaves with shardings
+        (``state.abstract_train_state``).
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    logging.info("Restoring checkpoint %d from %s.", step, manager.directory)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))

@@ -1,0 +1,61 @@
+"""Scalars and images to the console and to TensorBoard event files.
+
+:class:`MetricWriter` logs scalars with absl logging and, on process 0 only, writes them and
+images to ``{workdir}/tensorboard`` with tensorboardX (no TensorFlow needed). Names carry
+their group, ``train/bpd``, ``eval/bpd``, ``samples``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+    """Writes scalars and images; only the chief process (index 0) touches files."""
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        """Opens the event files of ``workdir`` (appending to those of earlier runs).
+
+        Args:
+          workdir: the run's directory; events go to ``{workdir}/tensorboard``.
+          enabled: write files and console lines; default: this is process 0.
+        """
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._writer = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter  # Imported here: process 0 only.
+
+            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Logs ``{name: value}`` at ``step`` to the console and TensorBoard."""
+        if not self.enabled:
+            return
+        logging.info(
+            "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+        )
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), step)
+        self._writer.flush()
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Writes ``{name: uint8 [H, W, C]}`` images (C = 1 or 3) at ``step`` to TensorBoard."""
+        if not self.enabled:
+            return
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.shape[-1] == 1:
+                image = np.repeat(image, 3, axis=-1)
+            self._writer.add_image(name, image, step, dataformats="HWC")
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the event files."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
