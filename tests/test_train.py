@@ -1,0 +1,229 @@
+"""End-to-end tests of the runner: train, resume, evaluate, sample; devices; errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from runner_helpers import (
+    REPO,
+    assert_trees_close,
+    flag_overrides,
+    latest_step,
+    main_command,
+    restore,
+    subprocess_env,
+    tiny_config,
+)
+
+from vdm_jax import data, evaluate, sharding, state, train
+
+# Evaluation and sampling only where a test looks at them (each costs a compilation).
+NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
+
+
+def test_train_resume_evaluate_sample(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config()  # 4 steps, checkpoints every 2, eval and samples at step 4.
+    first = train.train_and_evaluate(config, workdir)
+    assert int(first.step) == 4
+    assert latest_step(workdir) == 4
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    with open(os.path.join(workdir, "eval_step_4.json")) as f:
+        during_training = json.load(f)
+    assert during_training["num_examples"] == 297  # The whole split, padding masked out.
+
+    # Resume: a longer run continues from step 4 instead of starting over.
+    config.training.num_steps = 6
+    config.training.eval_every = 3
+    resumed = train.train_and_evaluate(config, workdir)
+    assert int(resumed.step) == 6
+    assert latest_step(workdir) == 6
+    assert os.path.exists(os.path.join(workdir, "eval_step_6.json"))  # 6 % 3 == 0.
+    assert not os.path.exists(os.path.join(workdir, "eval_step_3.json"))  # Not re-run.
+
+    # --mode=eval reproduces the number the training run wrote for the same step and seed.
+    results = evaluate.run_eval(config, workdir)
+    with open(os.path.join(workdir, "eval_step_6.json")) as f:
+        written = json.load(f)
+    assert results == written
+    assert results["step"] == 6 and results["num_examples"] == 297
+    for name in ("bpd", "bpd_prior", "bpd_recon", "bpd_diff"):
+        assert np.isfinite(results[name]) and results[f"{name}_stderr"] >= 0
+    assert results["bpd_stderr"] > 0
+    terms = results["bpd_prior"] + results["bpd_recon"] + results["bpd_diff"]
+    assert results["bpd"] == pytest.approx(terms, rel=1e-5)
+
+    # --mode=sample: a PNG grid and the integers.
+    samples = evaluate.run_sample(config, workdir)
+    assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.int32
+    assert samples.min() >= 0 and samples.max() < 17
+    assert os.path.getsize(os.path.join(workdir, "samples", "step_6.png")) > 0
+    saved = np.load(os.path.join(workdir, "samples", "step_6.npz"))["samples"]
+    np.testing.assert_array_equal(saved, samples)
+    during = np.load(os.path.join(workdir, "samples", "step_4.npz"))["samples"]
+    assert during.shape == samples.shape
+
+
+def test_eight_devices_match_one_device():
+    config = tiny_config(**{"eval.num_time_samples": 2})
+    info = data.get_info("digits")
+    vdm = state.create_model(config, info)
+    optimizer = state.create_optimizer(config)
+    batches = data.train_iterator("digits", global_batch_size=16, seed=0, prefetch=0)
+    batches = [next(batches) for _ in range(3)]
+    runs = {}
+    for n in (1, 8):
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        train_state = state.create_train_state(config, info, vdm, optimizer, mesh)
+        eval_before = evaluate.evaluate(config, info, vdm, train_state.ema_params, mesh)
+        step_fn = train.make_train_step(config, info, vdm, mesh)
+        history = []
+        for batch in batches:
+            train_state, metrics = step_fn(train_state, train.model_inputs(batch, config, mesh))
+            history.append(jax.device_get(metrics))
+        assert step_fn._cache_size() == 1  # One compilation for every step.
+        runs[n] = (jax.device_get(train_state), history, eval_before)
+    (state_1, history_1, eval_1), (state_8, history_8, eval_8) = runs[1], runs[8]
+    for m1, m8 in zip(history_1, history_8, strict=True):
+        assert m1.keys() == m8.keys()
+        for k in m1:
+            # atol: bpd_recon is ~1e-6 here, the tail of a log-softmax.
+            np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    # Adam divides by the root of tiny second moments, which amplifies reduction-order noise.
+    assert_trees_close(state_8, state_1, rtol=1e-4, atol=1e-5)
+    # Evaluation: the same numbers on 1 and 8 devices (and deterministic for the seed).
+    assert eval_1.keys() == eval_8.keys()
+    for k, v in eval_1.items():
+        assert eval_8[k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    preempted, straight = str(tmp_path / "preempted"), str(tmp_path / "straight")
+    overrides = {**NO_EVAL, "training.num_steps": 1000, "training.log_every": 1}
+    process = subprocess.Popen(
+        main_command(preempted, *flag_overrides(**overrides)),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.isdir(os.path.join(preempted, "checkpoints", "2")):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "Preempted at step" in stderr
+    stopped_at = latest_step(preempted)
+    assert 2 <= stopped_at < 1000
+
+    # Resume to a few steps later; compare with a run that was never interrupted.
+    final = {**NO_EVAL, "training.num_steps": stopped_at + 3}
+    resumed = train.train_and_evaluate(tiny_config(**final), preempted)
+    uninterrupted = train.train_and_evaluate(tiny_config(**final), straight)
+    assert int(resumed.step) == int(uninterrupted.step) == stopped_at + 3
+    assert_trees_close(jax.device_get(resumed), jax.device_get(uninterrupted), rtol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    # An absurd learning rate: step 1 is finite (and saved), step 2 overflows.
+    config = tiny_config(
+        **NO_EVAL,
+        **{
+            "optimizer.learning_rate": 1e30,
+            "training.num_steps": 20,
+            "training.checkpoint_every": 1,
+        },
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite .* training step 2 .*step 1 in"):
+        train.train_and_evaluate(config, workdir)
+    assert latest_step(workdir) == 1
+    saved = restore(config, workdir)
+    assert int(saved.step) == 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+def test_tfds_path_under_mock_data(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config(
+        **{
+            "data.name": "cifar10",
+            "data.vocab_size": 256,
+            "training.num_steps": 2,
+            "training.eval_every": 2,
+            "training.sample_every": 2,
+            "eval.batch_size": 16,
+            "sample.num_samples": 8,
+            "sample.batch_size": 8,
+            "sample.num_steps": 2,
+        }
+    )
+    with tfds.testing.mock_data(num_examples=20):
+        final = train.train_and_evaluate(config, workdir)
+        results = evaluate.run_eval(config, workdir)
+        samples = evaluate.run_sample(config, workdir)
+    assert int(final.step) == 2
+    assert results["num_examples"] == 20  # Two batches of 16, the second padded with 12.
+    assert np.isfinite(results["bpd"])
+    assert samples.shape == (8, 32, 32, 3) and samples.max() < 256
+    assert os.path.exists(os.path.join(workdir, "samples", "step_2.png"))
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    config = tiny_config(**NO_EVAL, **{"data.name": "imagenet32", "data.vocab_size": 256})
+    with tfds.testing.mock_data(num_examples=5):  # Mock images have random shapes.
+        with pytest.raises(ValueError, match=r"'imagenet32'.*'image'.*shape \(32, 32, 3\)"):
+            train.train_and_evaluate(config, str(tmp_path))
+    assert latest_step(str(tmp_path)) is None
+
+
+def test_learning_rate_warms_up_linearly():
+    schedule = state.learning_rate_schedule(tiny_config(**{"optimizer.warmup_steps": 4}))
+    lr = tiny_config().optimizer.learning_rate
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in range(6)], [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr]
+    )
+
+
+def test_model_batch_follows_the_conditioning():
+    batch = {"image": np.ones((2, 8, 8, 1), np.int32), "label": np.array([3, 5], np.int32)}
+    assert evaluate.model_batch(batch, "none", train=True).keys() == {"image"}
+    np.testing.assert_array_equal(
+        evaluate.model_batch(batch, "label", train=False)["label"], [3, 5]
+    )
+    aug = evaluate.model_batch(batch, "augmentation", train=False)["label"]
+    np.testing.assert_array_equal(aug, [0, 0])  # Evaluate on unaugmented images.
+
+
+def test_image_grid_scales_values_and_upscales():
+    samples = np.zeros((5, 8, 8, 1), np.int32)
+    samples[0] = 16
+    grid = evaluate.image_grid(samples, vocab_size=17, padding=1)
+    # 2 rows x 3 columns of 32-pixel images (8 x 4) with 1 pixel of padding.
+    assert grid.shape == (2 * 33 + 1, 3 * 33 + 1, 1) and grid.dtype == np.uint8
+    assert grid[1:33, 1:33].min() == 255 and grid[1:33, 34:66].max() == 0
+
+
+def test_cluster_detection():
+    assert not sharding.cluster_detected({})
+    assert not sharding.cluster_detected({"SLURM_NTASKS": "1"})
+    assert sharding.cluster_detected({"SLURM_NTASKS": "4"})
+    assert sharding.cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert sharding.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert not sharding.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})

@@ -1,0 +1,283 @@
+"""Training: the jitted step and the loop that logs, evaluates, samples and checkpoints.
+
+``train_step(state, batch) -> (state, metrics)`` is pure; :func:`make_train_step` jits it
+over the mesh with the batch sharded, the state replicated and donated.
+:func:`train_and_evaluate` runs it from the latest checkpoint of the workdir (or from
+scratch) to ``config.training.num_steps``. Nothing is scanned in chunks: every step returns
+to the host, so logging, evaluation and checkpoints can happen at any step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from vdm_jax import checkpoint, data, evaluate, metrics, model, sharding, state
+from vdm_jax.state import TrainState, create_model, create_train_state  # noqa: F401 (API)
+
+Metrics = dict[str, jax.Array]
+TrainStepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]
+
+
+def train_step(
+    train_state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    vdm: model.VDM,
+    optimizer: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+    loss_cfg: model.LossConfig,
+    ema_rate: float,
+) -> tuple[TrainState, Metrics]:
+    """One AdamW update and EMA update; a non-finite loss or gradient leaves the state as is.
+
+    Args:
+      train_state: the state before the step.
+      batch: ``{"image": int32 [B, H, W, C], "label": int32 [B] (if conditioned)}``.
+      vdm: the model.
+      optimizer: the optax transformation of ``state.create_optimizer``.
+      learning_rate: its learning-rate schedule (for logging).
+      loss_cfg: the objective's configuration.
+      ema_rate: the EMA decay.
+
+    Returns:
+      ``(new_state, metrics)``; metrics are scalars: ``bpd`` and each term (``bpd_prior``,
+      ``bpd_recon``, ``bpd_diff``), ``grad_norm`` (before clipping), ``gamma_0``,
+      ``gamma_1``, ``learning_rate`` (all of the state before the step) and ``finite``
+      (bool: the update was applied).
+    """
+    # The step's randomness depends only on (seed, step): not on devices or restarts.
+    key = jax.random.fold_in(train_state.rng, train_state.step)
+    (loss, terms), grads = model.vdm_loss_and_grads(vdm, train_state.params, batch, key, loss_cfg)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
+    params = optax.apply_updates(train_state.params, updates)
+    ema_params = jax.tree.map(
+        lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, train_state.ema_params, params
+    )
+    new_state = train_state.replace(
+        step=train_state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, train_state)
+
+    def gamma(t: float) -> jax.Array:
+        return vdm.apply({"params": train_state.params}, jnp.asarray(t), method=model.VDM.gamma)
+
+    step_metrics = {
+        "bpd": loss,
+        **{name: jnp.mean(terms[k]) for k, name in evaluate.TERM_NAMES.items()},
+        "grad_norm": grad_norm,
+        "gamma_0": gamma(0.0),
+        "gamma_1": gamma(1.0),
+        "learning_rate": learning_rate(train_state.step),
+        "finite": finite,
+    }
+    return new_state, step_metrics
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, vdm: model.VDM, mesh: Mesh
+) -> TrainStepFn:
+    """:func:`train_step` jitted over ``mesh``: batch sharded, state replicated and donated."""
+    step = functools.partial(
+        train_step,
+        vdm=vdm,
+        optimizer=state.create_optimizer(config),
+        learning_rate=state.learning_rate_schedule(config),
+        loss_cfg=state.loss_config(config, info),
+        ema_rate=config.optimizer.ema_rate,
+    )
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+@contextlib.contextmanager
+def preemption_flag() -> Iterator[threading.Event]:
+    """An event set on SIGTERM while inside the context (single-process runs).
+
+    The loop checks it at each step boundary, saves and exits. Multi-process runs leave
+    SIGTERM to JAX's preemption service instead (see :func:`_preempted`), which agrees on
+    one step for all hosts. Outside the main thread no handler can be installed.
+    """
+    flag = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        flag.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _preempted(flag: threading.Event, step: int) -> bool:
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point(step)
+    return flag.is_set()
+
+
+def _check_finite(step: int, step_metrics: Metrics, manager: ocp.CheckpointManager) -> None:
+    """Raises FloatingPointError if training step ``step`` (1-based) was not finite."""
+    if bool(step_metrics["finite"]):
+        return
+    raise FloatingPointError(
+        f"non-finite loss or gradient norm in training step {step} "
+        f"(bpd={float(step_metrics['bpd'])}, grad_norm={float(step_metrics['grad_norm'])}); "
+        f"stopping without saving. The last good checkpoint is step {manager.latest_step()} "
+        f"in {manager.directory}."
+    )
+
+
+def _window_scalars(window: list[Metrics], seconds: float, batch_size: int) -> dict[str, float]:
+    """Means of the step metrics since the last log, plus throughput, as ``train/...``."""
+    host = jax.device_get(window)
+    scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
+    scalars["train/steps_per_sec"] = len(window) / seconds
+    scalars["train/images_per_sec"] = len(window) * batch_size / seconds
+    return scalars
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainState:
+    """Trains from the latest checkpoint in ``workdir`` (or from scratch) to the last step.
+
+    Logs every ``training.log_every`` steps and at the end, evaluates (EMA parameters, whole
+    split) every ``eval_every`` steps, writes sample grids every ``sample_every`` steps, and
+    saves every ``checkpoint_every`` steps and at the end. On SIGTERM it saves at the next step
+    boundary and returns. A non-finite loss or gradient raises ``FloatingPointError``
+    without saving, so the last good checkpoint stays the latest.
+
+    Args:
+      config: the experiment config (validated before any work).
+      workdir: holds checkpoints, TensorBoard events, eval JSON files and samples.
+      devices: the mesh's devices (default: all devices of all hosts).
+
+    Returns:
+      The final (or preempted) state.
+    """
+    mesh, info = state.setup(config, devices)
+    t = config.training
+    vdm = state.create_model(config, info)
+    optimizer = state.create_optimizer(config)
+    manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
+    abstract = state.abstract_train_state(config, info, vdm, optimizer, mesh)
+    train_state = checkpoint.restore_latest(manager, abstract)
+    if train_state is None:
+        train_state = state.create_train_state(config, info, vdm, optimizer, mesh)
+    step = int(train_state.step)
+    logging.info("Starting at step %d of %d.", step, t.num_steps)
+
+    p_train_step = make_train_step(config, info, vdm, mesh)
+    loss_cfg = state.loss_config(config, info)
+    eval_step = evaluate.make_eval_step(vdm, loss_cfg, config.eval.num_time_samples, mesh)
+    sample_fn = evaluate.make_sample_fn(config, info, vdm, mesh)
+    writer = metrics.MetricWriter(workdir)
+    batches = data.train_iterator(
+        info.name,
+        global_batch_size=t.batch_size,
+        seed=config.seed,
+        start_step=step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        augment=config.data.augment,
+        data_dir=config.data.data_dir,
+    )
+    bar = tqdm.tqdm(
+        total=t.num_steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True
+    )
+    window: list[Metrics] = []
+    window_start = time.perf_counter()
+    paused = 0.0  # Seconds of the window spent evaluating, sampling or saving.
+    previous: Metrics | None = None
+    try:
+        with preemption_flag() as flag:
+            while step < t.num_steps:
+                batch = model_inputs(next(batches), config, mesh)
+                train_state, step_metrics = p_train_step(train_state, batch)
+                step += 1
+                # Check the previous step, not this one: the device stays one step ahead.
+                if previous is not None:
+                    _check_finite(step - 1, previous, manager)
+                previous = step_metrics
+                window.append(step_metrics)
+                bar.update(1)
+
+                preempted = _preempted(flag, step)
+                last = step == t.num_steps
+                if step % t.log_every == 0 or last or preempted:
+                    _check_finite(step, step_metrics, manager)
+                    seconds = time.perf_counter() - window_start - paused
+                    scalars = _window_scalars(window, seconds, t.batch_size)
+                    writer.write_scalars(step, scalars)
+                    bar.set_postfix(bpd=f"{scalars['train/bpd']:.4f}")
+                    window, window_start, paused = [], time.perf_counter(), 0.0
+                pause_start = time.perf_counter()
+                if step % t.checkpoint_every == 0 or last or preempted:
+                    _check_finite(step, step_metrics, manager)
+                    checkpoint.save(manager, train_state, step)
+                if preempted:
+                    logging.warning("Preempted at step %d; checkpoint saved.", step)
+                    break
+                if step % t.eval_every == 0:
+                    results = evaluate.evaluate(
+                        config, info, vdm, train_state.ema_params, mesh, eval_step
+                    )
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                    if jax.process_index() == 0:
+                        evaluate.write_eval_json(results, workdir, step, config)
+                if step % t.sample_every == 0:
+                    samples = evaluate.sample(config, train_state.ema_params, sample_fn)
+                    grid = evaluate.image_grid(samples, info.vocab_size)
+                    writer.write_images(step, {"samples": grid})
+                    if jax.process_index() == 0:
+                        evaluate.write_samples(samples, info.vocab_size, workdir, step)
+                paused += time.perf_counter() - pause_start
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        if isinstance(batches, data.Prefetcher):
+            batches.close()
+    return train_state
+
+
+def model_inputs(
+    batch: dict[str, np.ndarray], config: ml_collections.ConfigDict, mesh: Mesh
+) -> dict[str, jax.Array]:
+    """This host's rows of a training batch -> the model's global batch over ``mesh``."""
+    return sharding.global_batch(
+        evaluate.model_batch(batch, config.model.conditioning, train=True), mesh
+    )
