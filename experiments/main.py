@@ -10,7 +10,9 @@ and ``--process_id``, or from the cluster's environment (SLURM, Open MPI, TPU po
 
 from __future__ import annotations
 
-from absl import app, flags
+import logging as std_logging
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vdm_jax import evaluate, sharding, train
@@ -32,9 +34,17 @@ MODES = {
 }
 
 
+class _QuietCheckpointing(std_logging.Filter):
+    """Drops orbax's per-save INFO lines (dozens per checkpoint); keeps its warnings."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietCheckpointing())
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
 

@@ -23,12 +23,14 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(
     workdir: str, *, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """A manager that saves asynchronously and keeps the last ``max_to_keep`` checkpoints."""
+    """A manager that saves asynchronously and keeps the last ``max_to_keep`` checkpoints.
+
+    ``read_only`` managers (evaluation, sampling) only restore; they create no directory.
+    """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=True,
         create=not read_only,
-        read_only=read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 

@@ -32,6 +32,20 @@ from vdm_jax import checkpoint, data, evaluate, metrics, model, sharding, state
 from vdm_jax.state import TrainState, create_model, create_train_state  # noqa: F401 (API)
 
 Metrics = dict[str, jax.Array]
+# What the training loop logs under ``train/`` (window means of the step metrics, then
+# throughput).
+LOGGED_METRICS = (
+    "bpd",
+    "bpd_prior",
+    "bpd_recon",
+    "bpd_diff",
+    "grad_norm",
+    "gamma_0",
+    "gamma_1",
+    "learning_rate",
+    "steps_per_sec",
+    "images_per_sec",
+)
 TrainStepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]
 
 
