@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -12,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from tensorboardX.proto import event_pb2
 
 from configs import test as test_config
 from vdm_jax import checkpoint, data, sharding, state
@@ -55,11 +58,19 @@ def main_command(workdir: str, *args: str, mode: str = "train") -> list[str]:
 
 
 def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
-    """The environment for a child run: CPU only, with ``num_devices`` simulated devices
-    (default: the parent's XLA_FLAGS, so that it compiles the same programs)."""
+    """The environment for a child run: CPU only.
+
+    Args:
+      num_devices: simulated CPU devices, compiled without LLVM optimisation (several times
+        faster to compile; the tiny test model runs as fast). None: the parent's XLA_FLAGS,
+        so that the child compiles exactly the parent's programs.
+    """
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     if num_devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+        env["XLA_FLAGS"] = (
+            f"--xla_force_host_platform_device_count={num_devices} "
+            "--xla_backend_optimization_level=0"
+        )
     return env
 
 
@@ -112,3 +123,20 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
     finally:
         manager.close()
+
+
+def read_events(workdir: str) -> dict[str, list[int]]:
+    """Tag -> steps of the TensorBoard events in ``{workdir}/tensorboard`` (TFRecord files:
+    length u64, its CRC u32, the Event proto, its CRC u32)."""
+    tags: dict[str, list[int]] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            raw = f.read()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags

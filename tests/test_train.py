@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -19,12 +18,13 @@ from runner_helpers import (
     flag_overrides,
     latest_step,
     main_command,
+    read_events,
     restore,
     subprocess_env,
     tiny_config,
 )
 
-from vdm_jax import data, evaluate, sharding, state, train
+from vdm_jax import checkpoint, data, evaluate, sharding, state, train
 
 # Evaluation and sampling only where a test looks at them (each costs a compilation).
 NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
@@ -36,7 +36,12 @@ def test_train_resume_evaluate_sample(tmp_path):
     first = train.train_and_evaluate(config, workdir)
     assert int(first.step) == 4
     assert latest_step(workdir) == 4
-    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    events = read_events(workdir)
+    for name in train.LOGGED_METRICS:
+        assert events[f"train/{name}"] == [2, 4], name
+    for name in ("bpd", "bpd_stderr", "bpd_prior", "bpd_recon", "bpd_diff"):
+        assert events[f"eval/{name}"] == [4], name
+    assert events["samples"] == [4]
     with open(os.path.join(workdir, "eval_step_4.json")) as f:
         during_training = json.load(f)
     assert during_training["num_examples"] == 297  # The whole split, padding masked out.
@@ -140,23 +145,26 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert_trees_close(jax.device_get(resumed), jax.device_get(uninterrupted), rtol=1e-6)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     workdir = str(tmp_path)
-    # An absurd learning rate: step 1 is finite (and saved), step 2 overflows.
-    config = tiny_config(
-        **NO_EVAL,
-        **{
-            "optimizer.learning_rate": 1e30,
-            "training.num_steps": 20,
-            "training.checkpoint_every": 1,
-        },
-    )
-    with pytest.raises(FloatingPointError, match=r"non-finite .* training step 2 .*step 1 in"):
+    config = tiny_config(**NO_EVAL, **{"training.num_steps": 2})
+    good = jax.device_get(train.train_and_evaluate(config, workdir))
+    assert latest_step(workdir) == 2
+
+    # Resume from diverged parameters (NaN): every loss is NaN from then on.
+    restore_latest = checkpoint.restore_latest
+
+    def diverged(manager, abstract):
+        restored = restore_latest(manager, abstract)
+        return restored.replace(params=jax.tree.map(lambda x: x * np.nan, restored.params))
+
+    monkeypatch.setattr(checkpoint, "restore_latest", diverged)
+    config.training.num_steps = 6
+    with pytest.raises(FloatingPointError, match=r"non-finite .* training step 3 .*step 2 in"):
         train.train_and_evaluate(config, workdir)
-    assert latest_step(workdir) == 1
-    saved = restore(config, workdir)
-    assert int(saved.step) == 1
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+    monkeypatch.undo()
+    assert latest_step(workdir) == 2
+    assert_trees_close(restore(config, workdir), good, rtol=0, atol=0)
 
 
 def test_tfds_path_under_mock_data(tmp_path):
@@ -176,11 +184,12 @@ def test_tfds_path_under_mock_data(tmp_path):
     )
     with tfds.testing.mock_data(num_examples=20):
         final = train.train_and_evaluate(config, workdir)
-        results = evaluate.run_eval(config, workdir)
-        samples = evaluate.run_sample(config, workdir)
     assert int(final.step) == 2
+    with open(os.path.join(workdir, "eval_step_2.json")) as f:
+        results = json.load(f)
     assert results["num_examples"] == 20  # Two batches of 16, the second padded with 12.
     assert np.isfinite(results["bpd"])
+    samples = np.load(os.path.join(workdir, "samples", "step_2.npz"))["samples"]
     assert samples.shape == (8, 32, 32, 3) and samples.max() < 256
     assert os.path.exists(os.path.join(workdir, "samples", "step_2.png"))
 
