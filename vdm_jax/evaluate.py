@@ -3,7 +3,10 @@
 * :func:`evaluate`: every real example of the eval split once (padding masked out),
   ``eval.num_time_samples`` time / noise draws per image averaged per image, then the mean
   over images and its standard error ``std / sqrt(N)``, for the total bpd and each term.
-  Deterministic for ``config.seed`` and independent of the number of devices.
+  The standard error treats the per-image estimates as independent; it covers both the
+  spread of the data and the Monte Carlo noise of the time / noise draws. Deterministic for
+  ``config.seed`` and ``eval.batch_size`` (times are antithetic over each global batch if
+  ``model.antithetic_time``), and independent of the number of devices and hosts.
 * :func:`sample`: integer samples from the reverse process (``vdm_jax.samplers``).
 * :func:`run_eval`, :func:`run_sample`: ``--mode=eval`` / ``--mode=sample`` on the latest
   checkpoint of a workdir, with its EMA parameters.
