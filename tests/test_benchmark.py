@@ -1,0 +1,136 @@
+"""The benchmark harness runs on the tiny config and writes well-formed JSON.
+
+Speed and memory are measured by the harness, never asserted here; these tests check only
+that the figures exist, are positive and have the documented structure, and that the FLOP
+counts agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from runner_helpers import tiny_config  # noqa: F401 (sets up the shared compilation cache)
+
+from configs import test as test_config
+from experiments import benchmark
+from vdm_jax import flops, state, unet
+
+PART_KEYS = {"part", "batch_size", "num_devices", "compile_s", "step_s", "images_per_s",
+             "flops", "flops_per_s", "memory", "device_kind", "platform"}  # fmt: skip
+STEP_KEYS = {"median", "p25", "p75", "min", "max", "mean", "n", "all"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_blocks=2, channels=16),
+        dict(num_blocks=1, channels=32, attention="all", fourier_features=False),
+        dict(num_blocks=1, channels=16, num_classes=3, label_input="flag"),
+    ],
+)
+def test_analytic_flops_match_the_traced_program(kwargs):
+    net = unet.ScoreUNet(**kwargs)
+    z, g = jnp.zeros((3, 8, 8, 2)), jnp.zeros((3,))
+    label = jnp.zeros((3,), jnp.int32) if net.num_classes else None
+    params = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), z, g, label, train=False))
+    forward = flops.unet_forward_flops(net, 3, (8, 8, 2))
+    assert flops.traced_flops(lambda p: net.apply(p, z, g, label, train=False), params) == forward
+
+    def loss(p, z):
+        return jnp.sum(net.apply(p, z, g, label, train=False) ** 2)
+
+    # Forward, input gradients and weight gradients: 3x, less the conditioning's input grads.
+    train = flops.traced_flops(jax.grad(loss, argnums=(0, 1)), params, z)
+    assert 2.99 * forward < train <= flops.TRAIN_FLOPS_PER_FORWARD * forward
+
+
+def test_jaxpr_flops_counts_scan_iterations():
+    w = jnp.ones((4, 4))
+
+    def f(x):
+        return jax.lax.fori_loop(0, 5, lambda i, h: h @ w, x)
+
+    assert flops.traced_flops(f, jnp.ones((2, 4))) == 5 * 2 * 2 * 4 * 4
+
+
+def _check_record(rec):
+    assert PART_KEYS <= set(rec), rec
+    assert STEP_KEYS <= set(rec["step_s"])
+    assert rec["step_s"]["n"] == 2 and len(rec["step_s"]["all"]) == 2
+    assert 0 < rec["step_s"]["min"] <= rec["step_s"]["median"] <= rec["step_s"]["max"]
+    for key in ("compile_s", "images_per_s"):
+        assert rec[key] > 0 and math.isfinite(rec[key]), (key, rec[key])
+    for method in ("analytic", "jaxpr", "xla"):
+        assert rec["flops"][method] > 0 and rec["flops_per_s"][method] > 0, method
+    assert rec["memory"]["peak_bytes"] > 0 and rec["process_cpu_per_wall"] > 0
+    analysis = rec["memory"]["memory_analysis_per_device"]
+    assert analysis["total_bytes"] > 0 and analysis["argument_bytes"] > 0
+
+
+def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
+    config = test_config.get_config()
+    options = benchmark.make_options(steps=2, warmup=1, batch_sizes=[8], device_counts=[2])
+    report = benchmark.run(config, options)  # In-process: the first 2 of 8 simulated devices.
+    path = tmp_path / "bench.json"
+    benchmark.write_json(report, str(path))
+    loaded = json.loads(path.read_text())
+
+    env = loaded["environment"]
+    assert env["jax_version"] == jax.__version__
+    assert env["device_kind"] and env["backend"] == jax.default_backend()
+    assert loaded["options"]["steps"] == 2
+    assert loaded["config"]["model"]["channels"] == config.model.channels
+    records = {r["part"]: r for r in loaded["results"]}
+    assert set(records) == set(benchmark.PARTS), loaded["results"]
+    for rec in records.values():
+        _check_record(rec)
+        assert rec["batch_size"] == 8 and rec["num_devices"] == 2
+    net = state.create_model(config, benchmark.dataset_info(config)).score_net
+    forward = flops.unet_forward_flops(net, 8, (8, 8, 1))
+    assert records["train"]["flops"]["analytic"] == pytest.approx(3 * forward)
+    assert records["eval"]["flops"]["analytic"] == config.eval.num_time_samples * forward
+    assert records["sample"]["flops"]["analytic"] == forward
+    assert records["train"]["flops"]["jaxpr"] == pytest.approx(3 * forward, rel=0.01)
+    stack = records["conv_stack"]
+    assert stack["depth"] == round(flops.equivalent_conv_layers(net, 8, (8, 8, 1)))
+    for part in ("train", "eval", "sample"):
+        ratio = records[part]["ratio_vs_conv_stack"]["analytic"]
+        expected = records[part]["flops_per_s"]["analytic"] / stack["flops_per_s"]["analytic"]
+        assert ratio == pytest.approx(expected) and ratio > 0
+    table = benchmark.format_table(loaded)
+    assert "conv_stack" in table and "train" in table
+
+
+def test_memory_only_compiles_without_running():
+    # The training step of the test above, on abstract inputs: a compilation-cache hit.
+    config = test_config.get_config()
+    options = benchmark.make_options(batch_sizes=[8], memory_only=True, device_counts=[2])
+    report = benchmark.run(config, options)
+    (rec,) = report["results"]
+    assert rec["memory_only"] and "step_s" not in rec
+    assert rec["memory"]["memory_analysis_per_device"]["temp_bytes"] > 0
+    assert rec["flops"]["analytic"] > 0 and rec["num_params"] > 0
+    json.dumps(report)  # JSON-able as is.
+
+
+def test_child_command_line_replaces_the_sweep_flags():
+    argv = ["benchmark.py", "--config=configs/test.py", "--json", "out.json",
+            "--device_counts=1,2", "--config.model.channels=8", "--steps=3"]  # fmt: skip
+    child = benchmark._child_argv(argv, 4, "/tmp/x.json")
+    assert child[-3:] == ["--device_counts=4", "--json=/tmp/x.json", "--device_count_mode=submesh"]
+    assert "--config.model.channels=8" in child and "--steps=3" in child
+    assert "out.json" not in child and "--device_counts=1,2" not in child
+    env = benchmark._child_env(4)
+    assert env["XLA_FLAGS"].count("--xla_force_host_platform_device_count") == 1
+    assert env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="unknown parts"):
+        benchmark.make_options(parts=["train", "nope"])
+    with pytest.raises(ValueError, match="unknown benchmark options"):
+        benchmark.make_options(step=3)
