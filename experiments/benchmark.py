@@ -8,8 +8,9 @@ of ``--batch_sizes`` and each device count of ``--device_counts``:
 
 * ``train``: the runner's own jitted step (``train.make_train_step``: batch sharded, state
   replicated and donated), on a fixed random batch (data loading is not timed);
-* ``eval``: the runner's eval step (``evaluate.make_eval_step``, ELBO terms with
-  ``eval.num_time_samples`` draws per image) on the EMA parameters;
+* ``eval``: the runner's eval step (``evaluate.make_eval_step``, as ``config.eval`` sets it:
+  by default the ELBO with ``eval.num_time_samples`` network evaluations per image) on the
+  EMA parameters;
 * ``sample``: the runner's sampler (``evaluate.make_sample_fn``) run for ``--sample_steps``
   steps; the figures are per sampler step;
 * ``conv_stack``: a plain stack of 3x3 convolutions at the model's width, resolution, batch
@@ -66,6 +67,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -410,6 +412,31 @@ def abstract_batch(
     return batch
 
 
+def _eval_step(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, vdm: Any, mesh: Mesh
+) -> tuple[Any, tuple[Any, ...], int | None]:
+    """The runner's jitted eval step, its arguments after ``(params, batch, key)``, and the
+    network evaluations per image (None when adaptive: the probability-flow ODE).
+
+    Follows ``evaluate.make_eval_step``: the config-driven step ``(params, batch, key,
+    proposal)`` (``eval.method``, ``eval.time_sampling``; a uniform time proposal is passed),
+    or the ELBO-only ``(params, batch, key)`` step of earlier versions.
+    """
+    if next(iter(inspect.signature(evaluate.make_eval_step).parameters)) == "config":
+        step = evaluate.make_eval_step(config, info, vdm, mesh)
+        bins = getattr(evaluate, "PROPOSAL_BINS", 1)
+        proposal = jax.device_put(
+            jnp.full((bins,), 1.0 / bins, jnp.float32), sharding.replicated(mesh)
+        )
+        extra: tuple[Any, ...] = (proposal,)
+    else:
+        loss_cfg = state.loss_config(config, info)
+        step = evaluate.make_eval_step(vdm, loss_cfg, config.eval.num_time_samples, mesh)
+        extra = ()
+    adaptive = config.eval.get("method", "elbo") == "ode"
+    return step, extra, None if adaptive else config.eval.num_time_samples
+
+
 def conv_stack_step(mesh: Mesh, dtype: Any) -> Any:
     """A jitted SGD step of a plain stack of 3x3 convs: ``(kernels, x) -> kernels``.
 
@@ -489,20 +516,22 @@ def _benchmark_point(
         )
 
     if "eval" in names:
-        num_samples = config.eval.num_time_samples
-        eval_step = evaluate.make_eval_step(vdm, state.loss_config(config, info), num_samples, mesh)
+        eval_step, extra, evals_per_image = _eval_step(config, info, vdm, mesh)
         eval_batch = random_batch(config, info, mesh, batch_size, train=False)
         part = prepare(
             "eval",
             eval_step,
-            (train_state.ema_params, eval_batch, key),
-            run=lambda compiled: lambda: compiled(live["state"].ema_params, eval_batch, key),
+            (train_state.ema_params, eval_batch, key, *extra),
+            run=lambda compiled: (
+                lambda: compiled(live["state"].ema_params, eval_batch, key, *extra)
+            ),
             images_per_call=batch_size,
             calls_per_step=1,
-            analytic_flops=num_samples * forward,
+            analytic_flops=evals_per_image * forward if evals_per_image else 0.0,
             num_devices=n,
         )
-        part.record["num_time_samples"] = num_samples
+        part.record["eval_method"] = config.eval.get("method", "elbo")
+        part.record["network_evals_per_image"] = evals_per_image
         parts.append(part)
 
     if "sample" in names:
@@ -879,7 +908,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         _fmt(step.get("median"), ".4g"),
         f"[{step['p25']:.4g}, {step['p75']:.4g}]" if step else "compile only",
         _fmt(r.get("images_per_s"), ".4g"),
-        _fmt(r["flops"].get("analytic"), ".4g", 1e9),
+        _fmt(r["flops"].get("analytic") or None, ".4g", 1e9),
         _fmt(r.get("flops_per_s", {}).get("analytic"), ".4g", 1e9),
         _fmt(r.get("ratio_vs_conv_stack", {}).get("analytic"), ".3f"),
         _fmt(r.get("process_cpu_per_wall"), ".2f"),
