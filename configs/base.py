@@ -17,7 +17,8 @@ Fields:
   optimizer.*: AdamW with linear warmup, optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
     draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
-  eval.*: global batch size and time samples per image of the whole-split bpd.
+  eval.*: global batch size, method ("elbo" or "ode") and its settings for the whole-split
+    bpd; ``reference_checkpoint`` evaluates a released reference checkpoint.
   sample.*: number of samples, global batch, sampler steps, sampler and decoding.
 """
 
@@ -60,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_groups = 32
     config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
     config.model.remat = False
+    # Reference-layout options (vdm_jax.reference sets them to load released checkpoints).
+    config.model.label_input = "embed"  # "embed": label embedding; "flag": reference's flag.
+    config.model.min_group_size = 4  # GroupNorm channels per group, at least.
+    config.model.add_z_to_eps = False  # The reference predicts eps_hat = net(z) + z.
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4
@@ -82,7 +87,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128
+    # "elbo": the negative ELBO (upper bound on -log P(x)); "ode": the probability-flow ODE
+    # likelihood with uniform dequantization (continuous-time models only).
+    config.eval.method = "elbo"
     config.eval.num_time_samples = 1
+    # Times for "elbo": "antithetic" (the training estimator, (u + i/B) mod 1 over the batch),
+    # "stratified" (per image, in 2 independent replicates, giving a Monte Carlo standard
+    # error), "importance" (stratified under a proposal q(t) fitted on a pilot batch).
+    config.eval.time_sampling = "antithetic"
+    config.eval.ode_rtol = 1e-5
+    config.eval.ode_atol = 1e-5
+    config.eval.ode_divergence = "hutchinson"  # "exact" only for small images.
+    config.eval.ode_dequant_samples = 1
+    # A released google-research/vdm checkpoint to evaluate instead of the workdir's.
+    config.eval.reference_checkpoint = config_dict.placeholder(str)
 
     config.sample = ml_collections.ConfigDict()
     config.sample.num_samples = 64

@@ -13,10 +13,12 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, model, samplers, schedules, unet
+from vdm_jax import data, likelihood, model, samplers, schedules, unet
 
 DTYPES = ("float32", "bfloat16")
 CONDITIONINGS = ("none", "label", "augmentation")
+EVAL_METHODS = ("elbo", "ode")
+TIME_SAMPLINGS = ("antithetic", "stratified", "importance")
 _MAX_SEED = 2**32
 
 
@@ -102,6 +104,10 @@ def validate(
     _choice(problems, config, "model.attention", unet.ATTENTION_MODES)
     _choice(problems, config, "model.dtype", DTYPES)
     _choice(problems, config, "model.conditioning", CONDITIONINGS)
+    _choice(problems, config, "model.label_input", unet.LABEL_INPUTS)
+    _choice(problems, config, "eval.method", EVAL_METHODS)
+    _choice(problems, config, "eval.time_sampling", TIME_SAMPLINGS)
+    _choice(problems, config, "eval.ode_divergence", likelihood.DIVERGENCES)
     _choice(problems, config, "sample.sampler", samplers.SAMPLERS)
     _choice(problems, config, "sample.decode", samplers.DECODERS)
 
@@ -127,6 +133,8 @@ def validate(
         "training.checkpoint_every",
         "training.max_to_keep",
         "eval.num_time_samples",
+        "eval.ode_dequant_samples",
+        "model.min_group_size",
         "sample.num_samples",
         "sample.num_steps",
         "model.schedule_width",
@@ -144,6 +152,23 @@ def validate(
         f"config.sample.num_steps={sample_steps!r} must equal config.model.timesteps="
         f"{timesteps} for a discrete-time model (allowed: {timesteps})",
     )
+
+    continuous_only = config.eval.method == "ode" or config.eval.time_sampling != "antithetic"
+    _check(
+        problems,
+        not (continuous_only and timesteps),
+        f"config.eval.method={config.eval.method!r} with config.eval.time_sampling="
+        f"{config.eval.time_sampling!r} needs a continuous-time model, and config.model."
+        f"timesteps={timesteps} (allowed: method 'elbo' with time_sampling 'antithetic')",
+    )
+    _check(
+        problems,
+        config.eval.time_sampling == "antithetic" or config.eval.num_time_samples % 2 == 0,
+        f"config.eval.num_time_samples={config.eval.num_time_samples!r} must be even for "
+        f"time_sampling={config.eval.time_sampling!r} (two replicates give its standard error)",
+    )
+    for field in ("eval.ode_rtol", "eval.ode_atol"):
+        _range(problems, config, field, lambda v: v > 0, "a number > 0")
 
     # Model and optimizer values.
     _check(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,16 +25,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from jax.sharding import Mesh
 from PIL import Image
 
-from vdm_jax import checkpoint, data, model, samplers, sharding, state
+from vdm_jax import (
+    checkpoint,
+    data,
+    diffusion,
+    likelihood,
+    model,
+    reference,
+    samplers,
+    sharding,
+    state,
+)
 
 Params = Any
 # `fold_in` constants that separate the eval and sampling randomness from training's.
 EVAL_STREAM = 1
 SAMPLE_STREAM = 2
+PILOT_STREAM = 3
 # Term names of `model.vdm_terms` -> the names logged for them.
 TERM_NAMES = {"prior": "bpd_prior", "recon": "bpd_recon", "diffusion": "bpd_diff"}
 # Sample grids show each image at least this many pixels high.
@@ -62,35 +75,138 @@ def model_batch(
     return {"image": batch["image"], "label": label}
 
 
+# Time bins of the importance-sampling proposal q(t) (``eval.time_sampling="importance"``).
+PROPOSAL_BINS = 32
+EvalStepFn = Callable[[Params, dict[str, jax.Array], jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def _model_fns(vdm: model.VDM, params: Params, label: jax.Array | None):
+    """The model as the plain ``gamma_fn`` and ``eps_fn`` of the likelihood functions."""
+
+    def gamma_fn(t: jax.Array) -> jax.Array:
+        return vdm.apply({"params": params}, t, method=model.VDM.gamma)
+
+    def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        return vdm.apply({"params": params}, z, gamma_t, label, train=False, method=model.VDM.eps)
+
+    return gamma_fn, eps_fn
+
+
 def make_eval_step(
-    vdm: model.VDM, loss_cfg: model.LossConfig, num_time_samples: int, mesh: Mesh
-) -> Callable[[Params, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]:
-    """The jitted per-example eval: ``(params, batch, key) -> {term: [B]}`` in bits/dim.
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, vdm: model.VDM, mesh: Mesh
+) -> EvalStepFn:
+    """The jitted per-example eval ``(params, batch, key, proposal) -> {name: [B]}``, bits/dim.
 
-    Each term is averaged over ``num_time_samples`` draws (keys ``fold_in(key, i)``) of
-    the time and noise; ``bpd`` is their sum. Outputs are replicated so that every host can
-    read the whole batch.
+    What it computes follows ``config.eval``:
+
+    * ``method="elbo"``, ``time_sampling="antithetic"``: each term averaged over
+      ``num_time_samples`` draws of the training estimator (keys ``fold_in(key, i)``).
+    * ``"stratified"`` / ``"importance"``: :func:`vdm_jax.likelihood.elbo_eval` with
+      ``num_time_samples`` per image in two independent replicates; also ``bpd_mc_stderr``,
+      the Monte Carlo standard error of each image's estimate. ``proposal`` [PROPOSAL_BINS]
+      is the q(t) of importance sampling (uniform otherwise; see :func:`fit_time_proposal`).
+    * ``method="ode"``: :func:`vdm_jax.likelihood.ode_bpd`, the uniform-dequantization bound
+      from the probability-flow ODE, and ``num_function_evals`` of the batch's solve.
+
+    Outputs are replicated so that every host can read the whole batch.
     """
+    e = config.eval
+    loss_cfg = state.loss_config(config, info)
+    to_bpd = 1.0 / (math.prod(info.shape) * math.log(2.0))
 
-    def eval_step(params: Params, batch: dict[str, jax.Array], key: jax.Array):
-        batch_size = batch["image"].shape[0]
+    def antithetic(params, batch, key, proposal):
+        del proposal
 
         def add_sample(i: jax.Array, sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
             terms = model.vdm_terms(vdm, params, batch, jax.random.fold_in(key, i), loss_cfg)
             return {k: sums[k] + terms[k] for k in sums}
 
-        zeros = {k: jnp.zeros((batch_size,), jnp.float32) for k in TERM_NAMES}
-        sums = jax.lax.fori_loop(0, num_time_samples, add_sample, zeros)
-        out = {TERM_NAMES[k]: v / num_time_samples for k, v in sums.items()}
+        zeros = {k: jnp.zeros(batch["image"].shape[:1], jnp.float32) for k in TERM_NAMES}
+        sums = jax.lax.fori_loop(0, e.num_time_samples, add_sample, zeros)
+        out = {TERM_NAMES[k]: v / e.num_time_samples for k, v in sums.items()}
         out["bpd"] = sum(out.values())
         return out
 
+    def per_image(params, batch, key, proposal):
+        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        est = likelihood.elbo_eval(
+            key,
+            batch["image"],
+            gamma_fn,
+            eps_fn,
+            vocab_size=info.vocab_size,
+            num_time_samples=e.num_time_samples,
+            method="stratified",
+            proposal=likelihood.TimeProposal(proposal) if e.time_sampling == "importance" else None,
+        )
+        return {
+            "bpd": est.total * to_bpd,
+            "bpd_prior": est.prior * to_bpd,
+            "bpd_recon": est.recon * to_bpd,
+            "bpd_diff": est.diffusion * to_bpd,
+            "bpd_mc_stderr": est.total_stderr * to_bpd,
+        }
+
+    def ode(params, batch, key, proposal):
+        del proposal
+        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        result = likelihood.ode_bpd(
+            key,
+            batch["image"],
+            gamma_fn,
+            eps_fn,
+            vocab_size=info.vocab_size,
+            num_dequant_samples=e.ode_dequant_samples,
+            divergence=e.ode_divergence,
+            rtol=e.ode_rtol,
+            atol=e.ode_atol,
+        )
+        nfe = jnp.broadcast_to(result.num_function_evals, result.bpd.shape)
+        return {"bpd": result.bpd, "num_function_evals": nfe.astype(jnp.float32)}
+
+    if e.method == "ode":
+        step = ode
+    else:
+        step = antithetic if e.time_sampling == "antithetic" else per_image
     replicated = sharding.replicated(mesh)
     return jax.jit(
-        eval_step,
-        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+        step,
+        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated, replicated),
         out_shardings=replicated,
     )
+
+
+def fit_time_proposal(
+    config: ml_collections.ConfigDict,
+    info: data.DatasetInfo,
+    vdm: model.VDM,
+    params: Params,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+) -> jax.Array:
+    """q(t) for importance sampling, fitted on one pilot batch, [PROPOSAL_BINS].
+
+    The pilot draws ``num_time_samples`` stratified times per image and sets q(t) in each
+    bin proportional to the root mean square of the diffusion integrand there (the
+    variance-minimising choice), mixed with 10% of the uniform density
+    (:func:`vdm_jax.likelihood.fit_proposal`). Any q keeps the estimate unbiased; the pilot
+    only decides how much the variance drops. Its cost is one pass over one batch.
+    """
+
+    def pilot(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        samples = likelihood.diffusion_loss_samples(
+            key,
+            diffusion.encode(batch["image"], info.vocab_size),
+            gamma_fn,
+            eps_fn,
+            num_samples=config.eval.num_time_samples,
+        )
+        return likelihood.fit_proposal(
+            samples.t, samples.integrand, num_bins=PROPOSAL_BINS
+        ).bin_probs
+
+    return jax.jit(pilot)(params, batch, key)
 
 
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -108,7 +224,7 @@ def evaluate(
     params: Params,
     mesh: Mesh,
     eval_step: Callable[..., dict[str, jax.Array]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """bpd over the whole eval split, with standard errors; the same on every host.
 
     Args:
@@ -120,12 +236,16 @@ def evaluate(
       eval_step: a step from :func:`make_eval_step` to reuse (compiled once per run).
 
     Returns:
-      ``{"bpd", "bpd_stderr", "bpd_prior", "bpd_prior_stderr", "bpd_recon", ...,
-      "num_examples", "num_time_samples"}``.
+      ``bpd`` and ``bpd_stderr`` (the standard error over images: the spread of the per-image
+      estimates, which holds the test set's own variability and the Monte Carlo noise),
+      the same for each ELBO term (``bpd_prior``, ``bpd_recon``, ``bpd_diff``) when the
+      method is ``elbo``; ``bpd_mc_stderr`` (Monte Carlo error alone, given the split) for
+      per-image time sampling; ``num_function_evals`` and the tolerances for ``ode``; and
+      ``method``, ``num_examples``, ``seconds``.
     """
     if eval_step is None:
-        loss_cfg = state.loss_config(config, info)
-        eval_step = make_eval_step(vdm, loss_cfg, config.eval.num_time_samples, mesh)
+        eval_step = make_eval_step(config, info, vdm, mesh)
+    start = time.perf_counter()
     global_batch_size = config.eval.batch_size
     base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_STREAM)
     batches = data.eval_batches(
@@ -135,23 +255,55 @@ def evaluate(
         process_count=jax.process_count(),
         data_dir=config.data.data_dir,
     )
+    proposal = likelihood.uniform_proposal(PROPOSAL_BINS).bin_probs
+    progress = tqdm.tqdm(
+        batches,
+        total=data.num_eval_batches(info, global_batch_size),
+        desc="eval",
+        disable=jax.process_index() != 0,
+        leave=False,
+    )
     outputs = []
-    for k, batch in enumerate(batches):
+    for k, batch in enumerate(progress):
         inputs = sharding.global_batch(
             model_batch(batch, config.model.conditioning, train=False), mesh
         )
-        outputs.append(eval_step(params, inputs, jax.random.fold_in(base_key, k)))
+        if k == 0 and config.eval.method == "elbo" and config.eval.time_sampling == "importance":
+            pilot_key = jax.random.fold_in(base_key, PILOT_STREAM)
+            proposal = fit_time_proposal(config, info, vdm, params, inputs, pilot_key)
+        outputs.append(eval_step(params, inputs, jax.random.fold_in(base_key, k), proposal))
     # Rows of the global batches, in order: example k B + i sits at row i of batch k.
     per_example = {
         name: np.concatenate([np.asarray(o[name]) for o in outputs]) for name in outputs[0]
     }
     real = np.arange(len(outputs) * global_batch_size) < info.num_eval
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {"method": config.eval.method}
     for name in ("bpd", *TERM_NAMES.values()):
-        results[name], results[f"{name}_stderr"] = _mean_and_stderr(per_example[name][real])
+        if name in per_example:
+            results[name], results[f"{name}_stderr"] = _mean_and_stderr(per_example[name][real])
+    if "bpd_mc_stderr" in per_example:  # Monte Carlo error of the split's mean, given the split.
+        mc = per_example["bpd_mc_stderr"][real].astype(np.float64)
+        results["bpd_mc_stderr"] = float(np.sqrt(np.sum(mc**2)) / mc.size)
     results["num_examples"] = int(real.sum())
-    results["num_time_samples"] = config.eval.num_time_samples
+    if config.eval.method == "ode":
+        results["num_function_evals"] = float(per_example["num_function_evals"].mean())
+        results["ode_rtol"], results["ode_atol"] = config.eval.ode_rtol, config.eval.ode_atol
+        results["ode_divergence"] = config.eval.ode_divergence
+        results["ode_dequant_samples"] = config.eval.ode_dequant_samples
+    else:
+        results["num_time_samples"] = config.eval.num_time_samples
+        results["time_sampling"] = config.eval.time_sampling
+    results["seconds"] = time.perf_counter() - start
     return results
+
+
+def eval_scalars(results: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric eval results as TensorBoard scalars ``eval/...``."""
+    return {
+        f"eval/{k}": float(v)
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def make_sample_fn(
@@ -269,10 +421,23 @@ def _restore_ema(
     workdir: str,
     devices: Sequence[jax.Device] | None,
 ) -> tuple[data.DatasetInfo, model.VDM, Mesh, Params, int]:
-    """Validates the config and returns (info, model, mesh, EMA params, step) of the latest
-    checkpoint of ``workdir``."""
+    """(info, model, mesh, EMA params, step) of the latest checkpoint of ``workdir``.
+
+    With ``config.eval.reference_checkpoint`` set, the EMA parameters (and step) of that
+    released google-research/vdm checkpoint instead, and ``config.model`` is updated in
+    place to the architecture the checkpoint holds (:func:`vdm_jax.reference.model_overrides`).
+    """
+    path = config.eval.reference_checkpoint
+    if path:
+        restored = reference.restore_reference(path)
+        with config.unlocked():
+            config.model.update(reference.model_overrides(restored.arch))
+        logging.info("Evaluating reference checkpoint %s (step %d).", path, restored.step)
     mesh, info = state.setup(config, devices)
     vdm = state.create_model(config, info)
+    if path:
+        params = jax.device_put(restored.ema_params, sharding.replicated(mesh))
+        return info, vdm, mesh, params, restored.step
     abstract = state.abstract_train_state(config, info, vdm, state.create_optimizer(config), mesh)
     manager = checkpoint.make_manager(workdir, read_only=True)
     try:

@@ -92,6 +92,9 @@ def create_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> m
         num_groups=m.num_groups,
         dtype=DTYPES[m.dtype],
         remat=m.remat,
+        label_input=m.label_input,
+        min_group_size=m.min_group_size,
+        add_z_to_eps=m.add_z_to_eps,
     )
     return model.VDM(schedules.make_schedule(m.schedule, **schedule_kwargs), score_net)
 

@@ -214,8 +214,7 @@ def train_and_evaluate(
     logging.info("Starting at step %d of %d.", step, t.num_steps)
 
     p_train_step = make_train_step(config, info, vdm, mesh)
-    loss_cfg = state.loss_config(config, info)
-    eval_step = evaluate.make_eval_step(vdm, loss_cfg, config.eval.num_time_samples, mesh)
+    eval_step = evaluate.make_eval_step(config, info, vdm, mesh)
     sample_fn = evaluate.make_sample_fn(config, info, vdm, mesh)
     writer = metrics.MetricWriter(workdir)
     batches = data.train_iterator(
@@ -268,7 +267,7 @@ def train_and_evaluate(
                     results = evaluate.evaluate(
                         config, info, vdm, train_state.ema_params, mesh, eval_step
                     )
-                    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                    writer.write_scalars(step, evaluate.eval_scalars(results))
                     if jax.process_index() == 0:
                         evaluate.write_eval_json(results, workdir, step, config)
                 if step % t.sample_every == 0:
