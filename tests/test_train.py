@@ -108,7 +108,10 @@ def test_eight_devices_match_one_device():
     # Evaluation: the same numbers on 1 and 8 devices (and deterministic for the seed).
     assert eval_1.keys() == eval_8.keys()
     for k, v in eval_1.items():
-        assert eval_8[k] == pytest.approx(v, rel=1e-5), k
+        if isinstance(v, str):
+            assert eval_8[k] == v, k
+        elif k != "seconds":  # wall time of the evaluation
+            assert eval_8[k] == pytest.approx(v, rel=1e-5), k
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
