@@ -100,11 +100,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> state.TrainState
     vdm = state.create_model(config, info)
     mesh = sharding.make_mesh(jax.local_devices()[:1])
     abstract = state.abstract_train_state(config, info, vdm, state.create_optimizer(config), mesh)
-    manager = checkpoint.make_manager(workdir, read_only=True)
-    try:
-        restored = checkpoint.restore_latest(manager, abstract)
-    finally:
-        manager.close()
+    restored = checkpoint.restore_latest_in(workdir, abstract)
     assert restored is not None, f"no checkpoint in {workdir}"
     return jax.tree.map(np.asarray, restored)
 

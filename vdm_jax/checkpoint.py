@@ -60,3 +60,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
         return None
     logging.info("Restoring checkpoint %d from %s.", step, manager.directory)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_latest_in(workdir: str, abstract_state: TrainState) -> TrainState | None:
+    """:func:`restore_latest` through a read-only manager that is closed afterwards."""
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return restore_latest(manager, abstract_state)
+    finally:
+        manager.close()

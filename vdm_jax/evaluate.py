@@ -439,11 +439,7 @@ def _restore_ema(
         params = jax.device_put(restored.ema_params, sharding.replicated(mesh))
         return info, vdm, mesh, params, restored.step
     abstract = state.abstract_train_state(config, info, vdm, state.create_optimizer(config), mesh)
-    manager = checkpoint.make_manager(workdir, read_only=True)
-    try:
-        restored = checkpoint.restore_latest(manager, abstract)
-    finally:
-        manager.close()
+    restored = checkpoint.restore_latest_in(workdir, abstract)
     if restored is None:
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}; run --mode=train first"
