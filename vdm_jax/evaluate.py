@@ -80,18 +80,6 @@ PROPOSAL_BINS = 32
 EvalStepFn = Callable[[Params, dict[str, jax.Array], jax.Array, jax.Array], dict[str, jax.Array]]
 
 
-def _model_fns(vdm: model.VDM, params: Params, label: jax.Array | None):
-    """The model as the plain ``gamma_fn`` and ``eps_fn`` of the likelihood functions."""
-
-    def gamma_fn(t: jax.Array) -> jax.Array:
-        return vdm.apply({"params": params}, t, method=model.VDM.gamma)
-
-    def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
-        return vdm.apply({"params": params}, z, gamma_t, label, train=False, method=model.VDM.eps)
-
-    return gamma_fn, eps_fn
-
-
 def make_eval_step(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, vdm: model.VDM, mesh: Mesh
 ) -> EvalStepFn:
@@ -128,7 +116,7 @@ def make_eval_step(
         return out
 
     def per_image(params, batch, key, proposal):
-        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        gamma_fn, eps_fn = model.inference_fns(vdm, params, batch.get("label"))
         est = likelihood.elbo_eval(
             key,
             batch["image"],
@@ -149,7 +137,7 @@ def make_eval_step(
 
     def ode(params, batch, key, proposal):
         del proposal
-        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        gamma_fn, eps_fn = model.inference_fns(vdm, params, batch.get("label"))
         result = likelihood.ode_bpd(
             key,
             batch["image"],
@@ -194,7 +182,7 @@ def fit_time_proposal(
     """
 
     def pilot(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-        gamma_fn, eps_fn = _model_fns(vdm, params, batch.get("label"))
+        gamma_fn, eps_fn = model.inference_fns(vdm, params, batch.get("label"))
         samples = likelihood.diffusion_loss_samples(
             key,
             diffusion.encode(batch["image"], info.vocab_size),
@@ -326,14 +314,10 @@ def make_sample_fn(
         elif config.model.conditioning == "augmentation":
             label = jnp.zeros((batch_size,), jnp.int32)
 
-        def gamma_fn(t: jax.Array) -> jax.Array:
-            return vdm.apply({"params": params}, t, method=model.VDM.gamma)
+        gamma_fn, model_eps_fn = model.inference_fns(vdm, params, label)
 
         def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
-            z = jax.lax.with_sharding_constraint(z, batch_spec)
-            return vdm.apply(
-                {"params": params}, z, gamma_t, label, train=False, method=model.VDM.eps
-            )
+            return model_eps_fn(jax.lax.with_sharding_constraint(z, batch_spec), gamma_t)
 
         return samplers.sample(
             key,

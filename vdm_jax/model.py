@@ -210,6 +210,25 @@ def vdm_loss_and_grads(
     return aux, grads
 
 
+def inference_fns(
+    model: VDM, params: Params, label: jax.Array | None = None
+) -> tuple[schedules.GammaFn, diffusion.EpsFn]:
+    """The model as the plain functions the loss, samplers and likelihoods take (no dropout).
+
+    Returns:
+      ``gamma_fn(t) -> gamma_t`` (elementwise) and ``eps_fn(z_t [B, ...], gamma_t [B]) ->
+      eps_hat [B, ...]``, conditioned on ``label`` [B] when given.
+    """
+
+    def gamma_fn(t: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, t, method=VDM.gamma)
+
+    def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, z, gamma_t, label, train=False, method=VDM.eps)
+
+    return gamma_fn, eps_fn
+
+
 def vdm_terms(
     model: VDM,
     params: Params,
@@ -221,11 +240,12 @@ def vdm_terms(
     x = batch["image"]
     label = batch.get("label")
     num_dims = math.prod(x.shape[1:])
+    gamma_fn, eps_fn = inference_fns(model, params, label)
     nats = diffusion.vdm_terms(
         x,
         key,
-        lambda t: model.apply({"params": params}, t, method=VDM.gamma),
-        lambda z, g: model.apply({"params": params}, z, g, label, train=False, method=VDM.eps),
+        gamma_fn,
+        eps_fn,
         vocab_size=cfg.vocab_size,
         timesteps=cfg.timesteps,
         antithetic_time=cfg.antithetic_time,

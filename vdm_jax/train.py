@@ -91,15 +91,14 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, train_state)
 
-    def gamma(t: float) -> jax.Array:
-        return vdm.apply({"params": train_state.params}, jnp.asarray(t), method=model.VDM.gamma)
+    gamma, _ = model.inference_fns(vdm, train_state.params)
 
     step_metrics = {
         "bpd": loss,
         **{name: jnp.mean(terms[k]) for k, name in evaluate.TERM_NAMES.items()},
         "grad_norm": grad_norm,
-        "gamma_0": gamma(0.0),
-        "gamma_1": gamma(1.0),
+        "gamma_0": gamma(jnp.zeros(())),
+        "gamma_1": gamma(jnp.ones(())),
         "learning_rate": learning_rate(train_state.step),
         "finite": finite,
     }
