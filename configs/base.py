@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128
     # "elbo": the negative ELBO (upper bound on -log P(x)); "ode": the probability-flow ODE
-    # likelihood with uniform dequantization (continuous-time models only).
+    # likelihood, dequantized (continuous-time models only).
     config.eval.method = "elbo"
     config.eval.num_time_samples = 1
     # Times for "elbo": "antithetic" (the training estimator, (u + i/B) mod 1 over the batch),
@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.ode_atol = 1e-5
     config.eval.ode_divergence = "hutchinson"  # "exact" only for small images.
     config.eval.ode_dequant_samples = 1
+    # "uniform": dequantize x + U[0, 1) (comparable with flows and score-SDE papers);
+    # "decoder": z_0 ~ q(z_0 | x) and the ELBO's decoder (comparable with the ELBO).
+    config.eval.ode_dequantization = "uniform"
     # A released google-research/vdm checkpoint to evaluate instead of the workdir's.
     config.eval.reference_checkpoint = config_dict.placeholder(str)
 

@@ -46,12 +46,14 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
     np.testing.assert_allclose(strat["bpd_prior"], anti["bpd_prior"], rtol=1e-6)
 
 
-def test_ode_eval_reports_the_bound_and_its_cost():
+@pytest.mark.parametrize("dequantization", ["uniform", "decoder"])
+def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
     config = tiny_config(
         **{
             "eval.method": "ode",
             "eval.ode_rtol": 1e-2,
             "eval.ode_atol": 1e-2,
+            "eval.ode_dequantization": dequantization,
             "eval.batch_size": 300,
         }
     )
@@ -60,7 +62,12 @@ def test_ode_eval_reports_the_bound_and_its_cost():
     assert r["method"] == "ode" and r["num_examples"] == 297
     assert np.isfinite(r["bpd"]) and r["bpd"] > 0
     assert r["num_function_evals"] > 6 and r["ode_rtol"] == 1e-2
+    assert r["ode_dequantization"] == dequantization
     assert "bpd_diff" not in r  # the ODE gives one number, not ELBO terms
+    if dequantization == "decoder":
+        assert 0 <= r["bpd_recon"] < r["bpd"]
+    else:
+        assert "bpd_recon" not in r
 
 
 def test_eval_settings_are_validated():
@@ -69,6 +76,7 @@ def test_eval_settings_are_validated():
         ({"eval.time_sampling": "stratified", "eval.num_time_samples": 3}, "num_time_samples"),
         ({"eval.method": "exact"}, "eval.method"),
         ({"eval.ode_rtol": 0.0}, "eval.ode_rtol"),
+        ({"eval.ode_dequantization": "variational"}, "eval.ode_dequantization"),
     ):
         with pytest.raises(config_validation.ConfigError, match=field):
             config_validation.validate(tiny_config(**overrides), num_devices=1, process_count=1)

@@ -108,6 +108,7 @@ def validate(
     _choice(problems, config, "eval.method", EVAL_METHODS)
     _choice(problems, config, "eval.time_sampling", TIME_SAMPLINGS)
     _choice(problems, config, "eval.ode_divergence", likelihood.DIVERGENCES)
+    _choice(problems, config, "eval.ode_dequantization", likelihood.DEQUANTIZATIONS)
     _choice(problems, config, "sample.sampler", samplers.SAMPLERS)
     _choice(problems, config, "sample.decode", samplers.DECODERS)
 

@@ -93,8 +93,10 @@ def make_eval_step(
       ``num_time_samples`` per image in two independent replicates; also ``bpd_mc_stderr``,
       the Monte Carlo standard error of each image's estimate. ``proposal`` [PROPOSAL_BINS]
       is the q(t) of importance sampling (uniform otherwise; see :func:`fit_time_proposal`).
-    * ``method="ode"``: :func:`vdm_jax.likelihood.ode_bpd`, the uniform-dequantization bound
-      from the probability-flow ODE, and ``num_function_evals`` of the batch's solve.
+    * ``method="ode"``: :func:`vdm_jax.likelihood.ode_bpd`, the bound from the
+      probability-flow ODE with ``ode_dequantization`` ("uniform", or "decoder": the ELBO's
+      own encoder and decoder, which also gives ``bpd_recon``), and ``num_function_evals``
+      of the batch's solve.
 
     Outputs are replicated so that every host can read the whole batch.
     """
@@ -145,12 +147,16 @@ def make_eval_step(
             eps_fn,
             vocab_size=info.vocab_size,
             num_dequant_samples=e.ode_dequant_samples,
+            dequantization=e.ode_dequantization,
             divergence=e.ode_divergence,
             rtol=e.ode_rtol,
             atol=e.ode_atol,
         )
         nfe = jnp.broadcast_to(result.num_function_evals, result.bpd.shape)
-        return {"bpd": result.bpd, "num_function_evals": nfe.astype(jnp.float32)}
+        out = {"bpd": result.bpd, "num_function_evals": nfe.astype(jnp.float32)}
+        if e.ode_dequantization == "decoder":
+            out["bpd_recon"] = result.bpd_recon
+        return out
 
     if e.method == "ode":
         step = ode
@@ -278,6 +284,7 @@ def evaluate(
         results["ode_rtol"], results["ode_atol"] = config.eval.ode_rtol, config.eval.ode_atol
         results["ode_divergence"] = config.eval.ode_divergence
         results["ode_dequant_samples"] = config.eval.ode_dequant_samples
+        results["ode_dequantization"] = config.eval.ode_dequantization
     else:
         results["num_time_samples"] = config.eval.num_time_samples
         results["time_sampling"] = config.eval.time_sampling
