@@ -58,7 +58,10 @@ ImageNet 64x64 model at batch 64::
 
 Run it on the backend whose memory matters: XLA:CPU's estimate does not shrink with
 ``model.remat`` or ``model.dtype=bfloat16`` (its scheduler keeps rematerialised activations
-live, and it computes bfloat16 in float32), while GPU and TPU compilers do.
+live, and it computes bfloat16 in float32), while GPU and TPU compilers do. Next to it,
+``residual_estimate_per_device`` ("est MiB") is backend-independent: the train state, one
+copy of the gradients, and the activations the backward pass keeps (the residuals of
+``jax.vjp``, read off the traced program, which ``remat`` and ``bfloat16`` do shrink).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from vdm_jax import config_validation, data, evaluate, flops, sharding, state, train, unet
+from vdm_jax import config_validation, data, evaluate, flops, model, sharding, state, train, unet
 
 PARTS = ("train", "eval", "sample", "conv_stack")
 DEVICE_COUNT_MODES = ("auto", "subprocess", "submesh")
@@ -612,6 +615,37 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
         }
 
 
+def _tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def saved_activation_bytes(
+    config: ml_collections.ConfigDict,
+    info: data.DatasetInfo,
+    vdm: Any,
+    params: Any,
+    batch: dict[str, Any],
+) -> int:
+    """Bytes the backward pass keeps from the forward pass, for the whole batch.
+
+    The residuals of ``jax.vjp`` of the negative ELBO with respect to the parameters, read
+    off the traced program (``jax.eval_shape``: nothing is computed or allocated). They are
+    what ``model.remat`` and ``model.dtype`` change, and unlike XLA:CPU's memory estimate
+    they do not depend on a backend's scheduler. Parameters the backward reads again are
+    counted too, so this overestimates by at most one copy of them in the compute dtype.
+    """
+    loss_cfg = state.loss_config(config, info)
+
+    def residuals(p: Any, b: dict[str, Any]) -> Any:
+        def loss(p_: Any) -> jax.Array:
+            terms = model.vdm_terms(vdm, p_, b, jax.random.key(0), loss_cfg)
+            return jnp.mean(sum(terms.values()))
+
+        return jax.vjp(loss, p)[1]
+
+    return _tree_bytes(jax.eval_shape(residuals, params, batch))
+
+
 def _memory_only_point(
     config: ml_collections.ConfigDict,
     info: data.DatasetInfo,
@@ -619,10 +653,26 @@ def _memory_only_point(
     vdm: Any,
     batch_size: int,
 ) -> dict[str, Any]:
-    """Compiles the train step on abstract inputs: XLA's memory estimate and FLOP counts."""
+    """Compiles the train step on abstract inputs: XLA's memory estimate and FLOP counts.
+
+    Also a backend-independent estimate of one device's memory at the step's peak: the
+    train state (parameters, EMA, optimizer moments; replicated), one copy of the
+    gradients, and the device's share of :func:`saved_activation_bytes` (the batch is
+    sharded). The working set of the one block being differentiated comes on top.
+    """
     optimizer = state.create_optimizer(config)
     abstract_state = state.abstract_train_state(config, info, vdm, optimizer, mesh)
     batch = abstract_batch(config, info, mesh, batch_size)
+    state_bytes = _tree_bytes((abstract_state.params, abstract_state.ema_params))
+    state_bytes += _tree_bytes(abstract_state.opt_state)
+    grad_bytes = _tree_bytes(abstract_state.params)
+    activation_bytes = saved_activation_bytes(config, info, vdm, abstract_state.params, batch)
+    estimate = {
+        "train_state_bytes": state_bytes,
+        "gradient_bytes": grad_bytes,
+        "saved_activation_bytes": activation_bytes // mesh.size,
+        "total_bytes": state_bytes + grad_bytes + activation_bytes // mesh.size,
+    }
     step_fn = train.make_train_step(config, info, vdm, mesh)
     start = time.perf_counter()
     traced = step_fn.trace(abstract_state, batch)
@@ -642,7 +692,7 @@ def _memory_only_point(
             "jaxpr": float(flops.jaxpr_flops(traced.jaxpr)),
             "xla": stats.pop("xla_flops", 0.0),
         },
-        "memory": stats,
+        "memory": {**stats, "residual_estimate_per_device": estimate},
         "num_params": int(unet.count_params(abstract_state.params)),
     }
 
@@ -892,7 +942,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 _COLUMNS = (
     "part", "dev", "batch", "compile s", "s/step", "[p25, p75]", "img/s", "GFLOP/step",
-    "GFLOP/s", "vs conv", "cpu/wall", "peak MiB", "XLA MiB",
+    "GFLOP/s", "vs conv", "cpu/wall", "peak MiB", "XLA MiB", "est MiB",
 )  # fmt: skip
 
 
@@ -914,6 +964,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         _fmt(r.get("process_cpu_per_wall"), ".2f"),
         _fmt(mem.get("peak_bytes"), ".0f", _MIB),
         _fmt(mem.get("memory_analysis_per_device", {}).get("total_bytes"), ".0f", _MIB),
+        _fmt(mem.get("residual_estimate_per_device", {}).get("total_bytes"), ".0f", _MIB),
     ]
 
 
@@ -957,7 +1008,10 @@ def format_table(report: dict[str, Any]) -> str:
             "stack's (its depth in parentheses). cpu/wall: this process's CPU seconds per wall "
             "second while stepping (about the core count when it had the host to itself). "
             "XLA MiB: compiled.memory_analysis() per device (arguments + outputs - aliased + "
-            "temporaries). peak MiB: " + ("; ".join(sorted(sources)) or "not measured") + ".",
+            "temporaries). est MiB (--memory_only): train state + gradients + saved "
+            "activations per device, from the traced program. peak MiB: "
+            + ("; ".join(sorted(sources)) or "not measured")
+            + ".",
         ]
     )
 

@@ -140,6 +140,27 @@ def test_dropout_only_in_training():
     np.testing.assert_array_equal(no_drop.apply({"params": params}, z, gamma, train=True), eval_a)
 
 
+@pytest.mark.parametrize(("rate", "channels"), [(0.1, 64), (0.3, 7)])
+def test_dropout_statistics(rate, channels):
+    """Drop rate, unbiasedness, and independence of the two halves of each random word."""
+    x = jnp.full((16, 16, 16, channels), 2.0, jnp.float32)
+    drop = jax.jit(unet.dropout, static_argnums=1)
+    assert drop(x.astype(jnp.bfloat16), rate, jax.random.key(0)).dtype == jnp.bfloat16
+    out = np.asarray(drop(x, rate, jax.random.key(0)))
+    dropped = (out == 0).astype(np.float64)
+    n = dropped.size
+    assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+    kept = out[out != 0].astype(np.float64)
+    np.testing.assert_allclose(kept, 2.0 / (1 - round(rate * 2**16) / 2**16), rtol=1e-6)
+    assert abs(out.astype(np.float64).mean() - 2.0) < 4 * 2.0 * np.sqrt(rate / (1 - rate) / n)
+    # Channel c and c + ceil(C/2) share a 32-bit word: their masks must be uncorrelated.
+    half = (channels + 1) // 2
+    lo, hi = dropped[..., : channels - half], dropped[..., half:]
+    corr = np.corrcoef(lo.ravel(), hi.ravel())[0, 1]
+    assert abs(corr) < 4 / np.sqrt(lo.size)
+    np.testing.assert_array_equal(unet.dropout(x, 0.0, jax.random.key(0)), x)
+
+
 def test_bfloat16_close_to_float32():
     z, gamma, label = _inputs(3, 4)
     model32 = unet.ScoreUNet(**TINY, num_classes=4, attention="all")

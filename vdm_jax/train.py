@@ -80,16 +80,21 @@ def train_step(
     key = jax.random.fold_in(train_state.rng, train_state.step)
     (loss, terms), grads = model.vdm_loss_and_grads(vdm, train_state.params, batch, key, loss_cfg)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
-    params = optax.apply_updates(train_state.params, updates)
-    ema_params = jax.tree.map(
-        lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, train_state.ema_params, params
-    )
-    new_state = train_state.replace(
-        step=train_state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
-    )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, train_state)
+
+    def apply_update(old: TrainState) -> TrainState:
+        updates, opt_state = optimizer.update(grads, old.opt_state, old.params)
+        params = optax.apply_updates(old.params, updates)
+        ema_params = jax.tree.map(
+            lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, old.ema_params, params
+        )
+        return old.replace(
+            step=old.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+
+    # A branch, not a select over every leaf: the select read both versions of each donated
+    # buffer and cost ~6% of a CIFAR-10 step on CPU; the branch updates them in place.
+    new_state = jax.lax.cond(finite, apply_update, lambda old: old, train_state)
 
     gamma, _ = model.inference_fns(vdm, train_state.params)
 
