@@ -31,7 +31,8 @@ convolutions and matrix products (3x the forward for a training step), ``jaxpr``
 operations counted in the traced program (a check on ``analytic``; it also counts
 rematerialised forwards), ``xla`` XLA's ``cost_analysis()`` of the compiled program (all
 operations, summed over devices; a loop body counts once). ``ratio_vs_conv_stack`` divides
-the part's analytic FLOP/s by the conv stack's analytic FLOP/s: the fraction of a plain conv
+the part's analytic FLOP/s by the conv stack's analytic FLOP/s in the same round, median over
+rounds (quartiles in ``ratio_vs_conv_stack_quartiles``): the fraction of a plain conv
 stack's speed the model reaches, comparable across machines.
 
 Peak memory is the device's ``peak_bytes_in_use`` where the backend reports it (a high-water
@@ -601,18 +602,29 @@ def _benchmark_point(
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
-    """Each model part's FLOP/s over the conv stack's, per counting method."""
+    """Each model part's FLOP/s over the conv stack's, per counting method.
+
+    The ratio is taken per round (the part's step and the conv stack's step of the same
+    round, seconds apart) and the median over rounds is reported, with quartiles: a drift in
+    the machine's speed during the run (other tenants, clocks) cancels within a round but not
+    between the two parts' separate medians.
+    """
     stack = next((r for r in records if r["part"] == "conv_stack"), None)
     if stack is None:
         return
+    stack_s = np.asarray(stack["step_s"]["all"], np.float64)
     for rec in records:
         if rec["part"] == "conv_stack":
             continue
-        rec["ratio_vs_conv_stack"] = {
-            k: rec["flops_per_s"][k] / stack["flops_per_s"][k]
-            for k in ("analytic", "xla")
-            if rec["flops_per_s"].get(k) and stack["flops_per_s"].get(k)
-        }
+        part_s = np.asarray(rec["step_s"]["all"], np.float64)
+        ratios, quartiles = {}, {}
+        for k in ("analytic", "xla"):
+            if rec["flops"].get(k) and stack["flops"].get(k):
+                per_round = (rec["flops"][k] / part_s) / (stack["flops"][k] / stack_s)
+                q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
+                ratios[k], quartiles[k] = float(q50), [float(q25), float(q75)]
+        rec["ratio_vs_conv_stack"] = ratios
+        rec["ratio_vs_conv_stack_quartiles"] = quartiles
 
 
 def _tree_bytes(tree: Any) -> int:
@@ -878,8 +890,9 @@ FLOP_COUNTING = (
     "forward for a train step, num_time_samples x for eval, 1x per sampler step; elementwise "
     "ops not counted). flops.jaxpr: conv_general_dilated and dot_general FLOPs counted in the "
     "traced program (includes rematerialised forwards). flops.xla: compiled.cost_analysis() "
-    "['flops'] x devices (all ops). ratio_vs_conv_stack uses analytic (and xla) FLOP/s of "
-    "the part over the conv stack's, same batch, devices, dtype and process."
+    "['flops'] x devices (all ops). ratio_vs_conv_stack: analytic (and xla) FLOP/s of the "
+    "part over the conv stack's in the same timing round (same batch, devices, dtype and "
+    "process), median over rounds."
 )
 
 
@@ -1007,6 +1020,7 @@ def format_table(report: dict[str, Any]) -> str:
             "conv/matmul count (train = 3x forward). vs conv: analytic FLOP/s over the conv "
             "stack's (its depth in parentheses). cpu/wall: this process's CPU seconds per wall "
             "second while stepping (about the core count when it had the host to itself). "
+            "vs conv is the median over rounds of the ratio within each round. "
             "XLA MiB: compiled.memory_analysis() per device (arguments + outputs - aliased + "
             "temporaries). est MiB (--memory_only): train state + gradients + saved "
             "activations per device, from the traced program. peak MiB: "
