@@ -31,6 +31,11 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
         config = tiny_config(**{"eval.time_sampling": sampling, "eval.num_time_samples": 4})
         info, vdm, mesh, params = _perturbed_state(config)
         results[sampling] = evaluate.evaluate(config, info, vdm, params, mesh)
+    # A second evaluation (as during training) reuses the compiled pilot of q(t).
+    compiled_pilots = evaluate._pilot_proposal._cache_size()
+    again = evaluate.evaluate(config, info, vdm, params, mesh)
+    assert evaluate._pilot_proposal._cache_size() == compiled_pilots
+    assert again["bpd"] == results["importance"]["bpd"]
     strat, imp, anti = results["stratified"], results["importance"], results["antithetic"]
     for r in results.values():
         assert r["num_examples"] == 297 and r["num_time_samples"] == 4
@@ -54,6 +59,7 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
             "eval.ode_rtol": 1e-2,
             "eval.ode_atol": 1e-2,
             "eval.ode_dequantization": dequantization,
+            "eval.ode_dequant_samples": 2 if dequantization == "decoder" else 1,
             "eval.batch_size": 300,
         }
     )
@@ -66,8 +72,10 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
     assert "bpd_diff" not in r  # the ODE gives one number, not ELBO terms
     if dequantization == "decoder":
         assert 0 <= r["bpd_recon"] < r["bpd"]
+        assert 0 < r["bpd_mc_stderr"] < r["bpd_stderr"]  # two draws per image
     else:
         assert "bpd_recon" not in r
+        assert "bpd_mc_stderr" not in r  # one draw per image: no Monte Carlo error
 
 
 def test_eval_settings_are_validated():

@@ -336,6 +336,11 @@ def _decoder_log_prob(x: np.ndarray, z: np.ndarray, gamma_0: float) -> np.ndarra
     return np.sum(np.take_along_axis(log_probs, x[None, :, None], axis=-1)[..., 0], axis=-1)
 
 
+def _index_of(x: np.ndarray) -> int:
+    """Index of the data value x in _MIX_X."""
+    return int(np.flatnonzero(np.all(_MIX_X == x, axis=1))[0])
+
+
 def _gauss_hermite_2d(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Nodes [n^2, 2] and weights [n^2] for E over N(0, I_2)."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(n)
@@ -440,18 +445,13 @@ def test_decoder_dequantized_bound_matches_quadrature_and_bounds_the_exact_nll(g
         assert abs(bpd[i] - bound * to_bits) < 4 * stderr[i] + 2e-3, (xi, bpd[i], bound)
         assert bound >= nll - 1e-9
         if gamma_0 < -10:
-            log_pi = math.log(_MIX_PI[i_of(xi)])
+            log_pi = math.log(_MIX_PI[_index_of(xi)])
             assert bound == pytest.approx(-log_pi, abs=1e-3)
             assert nll == pytest.approx(-log_pi, abs=1e-3)
         else:
             assert bound - nll > 0.01  # the bound is not tight when the components overlap
     recon = np.asarray(out.bpd_recon, np.float64)
     assert np.all(recon >= -1e-4) and np.all(recon <= bpd + 1e-6)  # float32 rounding of 0
-
-
-def i_of(x: np.ndarray) -> int:
-    """Index of the data value x in _MIX_X."""
-    return int(np.flatnonzero(np.all(_MIX_X == x, axis=1))[0])
 
 
 def test_with_the_exact_score_the_elbo_and_the_decoder_ode_bound_agree():

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -96,7 +97,7 @@ def make_eval_step(
     * ``method="ode"``: :func:`vdm_jax.likelihood.ode_bpd`, the bound from the
       probability-flow ODE with ``ode_dequantization`` ("uniform", or "decoder": the ELBO's
       own encoder and decoder, which also gives ``bpd_recon``), and ``num_function_evals``
-      of the batch's solve.
+      of the batch's solve; with ``ode_dequant_samples > 1`` also ``bpd_mc_stderr``.
 
     Outputs are replicated so that every host can read the whole batch.
     """
@@ -156,6 +157,8 @@ def make_eval_step(
         out = {"bpd": result.bpd, "num_function_evals": nfe.astype(jnp.float32)}
         if e.ode_dequantization == "decoder":
             out["bpd_recon"] = result.bpd_recon
+        if e.ode_dequant_samples > 1:  # Monte Carlo error over the dequantization draws.
+            out["bpd_mc_stderr"] = result.bpd_stderr
         return out
 
     if e.method == "ode":
@@ -187,20 +190,37 @@ def fit_time_proposal(
     only decides how much the variance drops. Its cost is one pass over one batch.
     """
 
-    def pilot(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-        gamma_fn, eps_fn = model.inference_fns(vdm, params, batch.get("label"))
-        samples = likelihood.diffusion_loss_samples(
-            key,
-            diffusion.encode(batch["image"], info.vocab_size),
-            gamma_fn,
-            eps_fn,
-            num_samples=config.eval.num_time_samples,
-        )
-        return likelihood.fit_proposal(
-            samples.t, samples.integrand, num_bins=PROPOSAL_BINS
-        ).bin_probs
+    return _pilot_proposal(
+        params,
+        batch,
+        key,
+        vdm=vdm,
+        vocab_size=info.vocab_size,
+        num_samples=config.eval.num_time_samples,
+    )
 
-    return jax.jit(pilot)(params, batch, key)
+
+# Module level, with the model and sizes static: compiled once per run, not at every
+# evaluation during training.
+@functools.partial(jax.jit, static_argnames=("vdm", "vocab_size", "num_samples"))
+def _pilot_proposal(
+    params: Params,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    vdm: model.VDM,
+    vocab_size: int,
+    num_samples: int,
+) -> jax.Array:
+    gamma_fn, eps_fn = model.inference_fns(vdm, params, batch.get("label"))
+    samples = likelihood.diffusion_loss_samples(
+        key,
+        diffusion.encode(batch["image"], vocab_size),
+        gamma_fn,
+        eps_fn,
+        num_samples=num_samples,
+    )
+    return likelihood.fit_proposal(samples.t, samples.integrand, num_bins=PROPOSAL_BINS).bin_probs
 
 
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -276,8 +296,10 @@ def evaluate(
         if name in per_example:
             results[name], results[f"{name}_stderr"] = _mean_and_stderr(per_example[name][real])
     if "bpd_mc_stderr" in per_example:  # Monte Carlo error of the split's mean, given the split.
-        mc = per_example["bpd_mc_stderr"][real].astype(np.float64)
-        results["bpd_mc_stderr"] = float(np.sqrt(np.sum(mc**2)) / mc.size)
+        _, mc_stderr = likelihood.split_mean_stderr(
+            per_example["bpd"][real], per_example["bpd_mc_stderr"][real]
+        )
+        results["bpd_mc_stderr"] = float(mc_stderr)
     results["num_examples"] = int(real.sum())
     if config.eval.method == "ode":
         results["num_function_evals"] = float(per_example["num_function_evals"].mean())
