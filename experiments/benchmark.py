@@ -645,6 +645,8 @@ def saved_activation_bytes(
     what ``model.remat`` and ``model.dtype`` change, and unlike XLA:CPU's memory estimate
     they do not depend on a backend's scheduler. Parameters the backward reads again are
     counted too, so this overestimates by at most one copy of them in the compute dtype.
+    The loss is the evaluation ELBO, without dropout: a model trained with dropout also
+    keeps its masks (one byte per masked activation).
     """
     loss_cfg = state.loss_config(config, info)
 
