@@ -107,6 +107,133 @@ def test_group_norm_groups(channels, groups):
     assert unet._group_norm(32, channels, jnp.float32, "n").num_groups == groups
 
 
+def _group_norm_float64(x, scale, bias, groups, eps=1e-6):
+    """Textbook GroupNorm in float64 numpy: two-pass variance over each group's entries."""
+    x = np.asarray(x, np.float64)
+    g = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups"), [((3, 5, 4, 16), 4), ((2, 7, 12), 3), ((2, 6, 6, 8), 8)]
+)
+def test_group_norm_matches_float64_and_flax(shape, groups):
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    # A per-example offset, so the variance is not the second moment.
+    x = rng.standard_normal(shape) * 2.0 + rng.standard_normal(
+        (shape[0],) + (1,) * (len(shape) - 1)
+    )
+    scale, bias = 1.0 + 0.3 * rng.standard_normal(shape[-1]), 0.3 * rng.standard_normal(shape[-1])
+    x, scale, bias = (np.asarray(a, np.float32) for a in (x, scale, bias))
+    ours = unet.group_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), groups)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, _group_norm_float64(x, scale, bias, groups), atol=2e-5)
+
+    # The module has flax.linen.GroupNorm's parameters, and its gradients.
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def loss(module, params, x):
+        return jnp.sum(module.apply(params, x) * weights)
+
+    flax_norm, our_norm = nn.GroupNorm(num_groups=groups), unet.GroupNorm(num_groups=groups)
+    assert jax.tree.map(jnp.shape, our_norm.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, flax_norm.init(jax.random.key(0), x)
+    )
+    grads = [jax.grad(loss, argnums=(1, 2))(m, params, x) for m in (our_norm, flax_norm)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_group_norm_dtype_and_bad_groups():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
+    norm = unet.GroupNorm(num_groups=2, dtype=jnp.bfloat16)
+    params = norm.init(jax.random.key(1), x)
+    assert params["params"]["scale"].dtype == jnp.float32
+    out = norm.apply(params, x)
+    assert out.dtype == jnp.bfloat16
+    ref = _group_norm_float64(np.asarray(x, np.float32), 1.0, 0.0, 2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.03)
+    with pytest.raises(ValueError, match="3 groups do not divide 8 channels"):
+        unet.group_norm(x, jnp.ones(8), jnp.zeros(8), 3)
+
+
+@pytest.mark.parametrize(("widths", "groups"), [((8, 8), 4), ((6, 10), 8), ((4, 4, 8), 2)])
+def test_group_norm_of_parts_is_group_norm_of_concatenation(widths, groups):
+    # (6, 10) in 8 groups of 2 aligns with the parts; (4, 4, 8) in 2 groups of 8 does not.
+    keys = jax.random.split(jax.random.key(0), len(widths) + 2)
+    parts = [jax.random.normal(k, (2, 3, 3, w)) + 1.0 for k, w in zip(keys, widths, strict=False)]
+    params = {
+        "params": {
+            "scale": 1.0 + 0.2 * jax.random.normal(keys[-2], (sum(widths),)),
+            "bias": 0.2 * jax.random.normal(keys[-1], (sum(widths),)),
+        }
+    }
+    norm = unet.GroupNorm(num_groups=groups)
+    whole = norm.apply(params, jnp.concatenate(parts, axis=-1))
+    split = norm.apply(params, parts)
+    assert isinstance(split, list) and [p.shape[-1] for p in split] == list(widths)
+    np.testing.assert_allclose(jnp.concatenate(split, axis=-1), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), ()])
+def test_parts_linear_matches_flax_on_concatenation(kernel_size):
+    import flax.linen as nn
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    parts = [jax.random.normal(keys[0], (2, 5, 5, 4)), jax.random.normal(keys[1], (2, 5, 5, 6))]
+    whole = jnp.concatenate(parts, axis=-1)
+    layer = unet.PartsLinear(7, kernel_size)
+    flax_layer = nn.Conv(7, kernel_size) if kernel_size else nn.Dense(7)
+    params = layer.init(keys[2], parts)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, flax_layer.init(keys[2], whole)
+    )
+    params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+    np.testing.assert_allclose(
+        layer.apply(params, parts), flax_layer.apply(params, whole), rtol=1e-5, atol=1e-5
+    )
+    half = unet.PartsLinear(7, kernel_size, dtype=jnp.bfloat16).apply(params, parts)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(half, np.float32), flax_layer.apply(params, whole), rtol=0.05, atol=0.05
+    )
+
+
+def test_res_block_on_parts_equals_block_on_concatenation():
+    """Same function and gradients; the input gradient also against finite differences."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    h, skip = jax.random.normal(keys[0], (2, 4, 4, 8)), jax.random.normal(keys[1], (2, 4, 4, 8))
+    cond = jax.random.normal(keys[2], (2, 32))
+    block = unet.ResBlock(8, 0.0, 4, jnp.float32)
+    params = block.init(keys[3], [h, skip], cond, False)
+    # conv_1 starts at zero: perturb every parameter so each path matters.
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+    weights = jnp.sin(jnp.arange(2 * 4 * 4 * 8).reshape(2, 4, 4, 8))
+
+    def loss(params, h, skip, as_parts):
+        x = [h, skip] if as_parts else jnp.concatenate([h, skip], axis=-1)
+        return jnp.sum(block.apply(params, x, cond, True) * weights)  # No dropout: rate 0.
+
+    grads = [jax.grad(loss, argnums=(0, 1, 2))(params, h, skip, p) for p in (True, False)]
+    np.testing.assert_allclose(loss(params, h, skip, True), loss(params, h, skip, False), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Directional derivative along a random input direction, central differences.
+    dh, ds = jax.random.normal(keys[0], h.shape), jax.random.normal(keys[1], skip.shape)
+    eps = 1e-2
+    numeric = (
+        loss(params, h + eps * dh, skip + eps * ds, True)
+        - loss(params, h - eps * dh, skip - eps * ds, True)
+    ) / (2 * eps)
+    analytic = jnp.sum(grads[0][1] * dh) + jnp.sum(grads[0][2] * ds)
+    np.testing.assert_allclose(numeric, analytic, rtol=2e-3)
+
+
 def test_zero_at_init_then_depends_on_gamma_and_label():
     # 32 channels: the conditioning must survive GroupNorm (1 channel per group would erase it).
     model = unet.ScoreUNet(**TINY, num_classes=4)

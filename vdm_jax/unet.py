@@ -13,7 +13,8 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
     conv_in                      Conv 3x3: input (z and its Fourier features) -> channels
     down_{i}, i < num_blocks     ResBlock (down_attn_{i} after each when attention == "all")
     mid_res_0, mid_attn, mid_res_1
-    up_{i}, i <= num_blocks      ResBlock on concat(h, skip) (up_attn_{i} when "all")
+    up_{i}, i <= num_blocks      ResBlock on concat(h, skip), given as the two parts
+                                 (up_attn_{i} when "all")
     norm_out, conv_out           GroupNorm, Conv 3x3 (zero-initialised): channels -> C
 
     ResBlock:  norm_0, conv_0, cond_proj, norm_1, conv_1 (zero-initialised),
@@ -41,11 +42,13 @@ layers (ours fuses them into ``qkv``, their kernels concatenated in that order).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ATTENTION_MODES = ("middle", "all")
 LABEL_INPUTS = ("embed", "flag")
@@ -59,9 +62,129 @@ def count_params(params: Any) -> int:
 MIN_GROUP_SIZE = 4
 
 
+def group_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float = 1e-6
+) -> jax.Array:
+    """Group normalisation of ``x`` [B, ..., C]: statistics per example and channel group.
+
+    Each group of ``C / num_groups`` consecutive channels is normalised over those channels
+    and every axis but the first, ``(x - mean) / sqrt(var + epsilon)``, then scaled and
+    shifted per channel by ``scale``, ``bias`` [C]. The variance is ``E[x^2] - mean^2`` (as in
+    ``flax.linen.GroupNorm``'s default). Statistics are float32 whatever the dtype of ``x``.
+
+    Computed as per-channel sums over the spatial axes (contiguous in the channels-last
+    layout, so they vectorise), then a [B, C] -> [B, G] group sum, and the normalisation as
+    one multiply-add per element, ``x a + b`` with [B, C] coefficients. On a 2-core CPU at
+    [4, 32, 32, 128] that is 4.7x faster forward and 2.5x faster forward + backward than
+    ``flax.linen.GroupNorm``, which reduces over a [B, ..., G, C / G] view.
+
+    Returns:
+      float32 [B, ..., C].
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    if channels % num_groups:
+        raise ValueError(f"{num_groups} groups do not divide {channels} channels")
+    group_size = channels // num_groups
+    spatial = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * group_size
+    x = x.astype(jnp.float32)
+
+    def group_mean(channel_sums: jax.Array) -> jax.Array:  # [B, C] -> [B, C], per group
+        sums = jnp.sum(channel_sums.reshape(batch, num_groups, group_size), axis=-1)
+        return jnp.repeat(sums / count, group_size, axis=-1)
+
+    mean = group_mean(jnp.sum(x, axis=spatial))
+    var = jnp.maximum(group_mean(jnp.sum(jnp.square(x), axis=spatial)) - jnp.square(mean), 0.0)
+    mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + epsilon)  # [B, C]
+    add = bias.astype(jnp.float32) - mean * mul
+    shape = (batch,) + (1,) * len(spatial) + (channels,)
+    return x * mul.reshape(shape) + add.reshape(shape)
+
+
+class GroupNorm(nn.Module):
+    """:func:`group_norm` with learned ``scale`` (ones) and ``bias`` (zeros), each [C].
+
+    The parameters and the function are those of ``flax.linen.GroupNorm(num_groups)``
+    (epsilon 1e-6, float32 statistics), so checkpoints of either load into the other.
+    """
+
+    num_groups: int
+    dtype: Any = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array | list[jax.Array]:
+        """[B, ..., C] -> [B, ..., C] in ``dtype``.
+
+        ``x`` may also be a list of parts of one input, concatenated along the channels in
+        order; the result is then the list of the normalised parts. Groups within one part
+        never form the concatenation; a group that straddles two parts makes the layer
+        normalise the concatenation and split it again.
+        """
+        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        widths = [p.shape[-1] for p in parts]
+        scale = self.param("scale", nn.initializers.ones, (sum(widths),))
+        bias = self.param("bias", nn.initializers.zeros, (sum(widths),))
+        group_size = sum(widths) // self.num_groups
+        if any(w % group_size for w in widths):  # A group straddles two parts.
+            y = group_norm(
+                jnp.concatenate(parts, axis=-1), scale, bias, self.num_groups, self.epsilon
+            )
+            outs = jnp.split(y.astype(self.dtype), np.cumsum(widths)[:-1], axis=-1)
+        else:
+            bounds = np.cumsum([0, *widths])
+            outs = [
+                group_norm(p, scale[a:b], bias[a:b], (b - a) // group_size, self.epsilon)
+                for p, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)
+            ]
+            outs = [y.astype(self.dtype) for y in outs]
+        return list(outs) if isinstance(x, (list, tuple)) else outs[0]
+
+
+class PartsLinear(nn.Module):
+    """A 3x3 conv (``kernel_size=(3, 3)``) or a dense layer (``()``) of a channel concatenation.
+
+    Given the parts of the input (a list, concatenated along the channels in order), it
+    applies each part to its rows of the kernel and sums, so the concatenation (and in the
+    backward pass, the split of its gradient) is never formed. Parameters and their
+    initialisation are those of ``nn.Conv(features, (3, 3))`` or ``nn.Dense(features)``:
+    ``kernel`` [*kernel_size, C_in, F] (LeCun normal), ``bias`` [F]. Inputs and kernel are
+    cast to ``dtype``; the partial sums accumulate in float32.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] | tuple[()]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        """[B, H, W, C_i] for each part -> [B, H, W, features] in ``dtype``."""
+        widths = [p.shape[-1] for p in parts]
+        shape = (*self.kernel_size, sum(widths), self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        out, start = bias.astype(jnp.float32), 0
+        for part, w in zip(parts, widths, strict=True):
+            rows = kernel[..., start : start + w, :].astype(self.dtype)
+            part = part.astype(self.dtype)
+            if self.kernel_size:
+                out = out + jax.lax.conv_general_dilated(
+                    part,
+                    rows,
+                    (1, 1),
+                    "SAME",
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    preferred_element_type=jnp.float32,
+                )
+            else:
+                out = out + jnp.dot(part, rows, preferred_element_type=jnp.float32)
+            start += w
+        return out.astype(self.dtype)
+
+
 def _group_norm(
     num_groups: int, channels: int, dtype: Any, name: str, min_group_size: int = MIN_GROUP_SIZE
-) -> nn.GroupNorm:
+) -> GroupNorm:
     """GroupNorm with at most ``num_groups`` groups and ``min_group_size`` channels per group.
 
     The number of groups is the largest divisor of ``channels`` within both limits, so any
@@ -71,11 +194,10 @@ def _group_norm(
     silently ignore ``gamma_t``. Paper widths (128 or 256 channels, 32 groups) are unaffected.
     ``min_group_size=1`` gives exactly ``num_groups`` groups whenever they divide ``channels``
     (the reference code's ``nn.GroupNorm()``, 32 groups at any width).
-    Statistics are reduced in float32 whatever the compute dtype (``force_float32_reductions``).
     """
     limit = max(min(num_groups, channels // max(min_group_size, 1)), 1)
     groups = max(g for g in range(1, limit + 1) if channels % g == 0)
-    return nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)
+    return GroupNorm(num_groups=groups, dtype=dtype, name=name)
 
 
 def sinusoidal_embedding(x: jax.Array, dim: int) -> jax.Array:
@@ -136,11 +258,38 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
+@jax.custom_vjp
+def _materialise_grad(x: jax.Array) -> jax.Array:
+    """Identity whose backward pass stores its cotangent (an XLA optimisation barrier).
+
+    A block's input gradient is the sum of the residual path and the block's own path, and
+    several consumers read it. With :func:`group_norm`'s cheap elementwise backward, XLA:CPU
+    otherwise fuses the whole chain of these sums through the network into each consumer
+    and recomputes it there: the CIFAR-10 step took 14 s instead of 4.9 s. Being a
+    ``custom_vjp``, it has no forward-mode derivative, so only training-mode blocks use it.
+    """
+    return x
+
+
+def _materialise_grad_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialise_grad_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.optimization_barrier(g),)
+
+
+_materialise_grad.defvjp(_materialise_grad_fwd, _materialise_grad_bwd)
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block conditioned on a (swished) embedding.
 
     ``x + conv_1(dropout(swish(norm_1(conv_0(swish(norm_0(x))) + cond_proj(cond)))))``, with
-    ``x`` projected by a 1x1 ``skip_proj`` when its width is not ``features``.
+    ``x`` projected by a 1x1 ``skip_proj`` when its width is not ``features``. ``x`` may come
+    as the list of its parts along the channels (the up blocks' ``[h, skip]``): ``norm_0``,
+    ``conv_0`` and ``skip_proj`` then work on the parts (:class:`GroupNorm`,
+    :class:`PartsLinear`), with the parameters they would have on the concatenation.
     """
 
     features: int
@@ -150,20 +299,28 @@ class ResBlock(nn.Module):
     min_group_size: int = MIN_GROUP_SIZE
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
-        """[B, H, W, C_in], [B, E] -> [B, H, W, features] in ``dtype``."""
+    def __call__(
+        self, x: jax.Array | Sequence[jax.Array], cond: jax.Array, train: bool
+    ) -> jax.Array:
+        """[B, H, W, C_in] (or its parts [B, H, W, C_i]), [B, E] -> [B, H, W, features]."""
         feats, dtype = self.features, self.dtype
         groups, min_size = self.num_groups, self.min_group_size
-        h = nn.swish(_group_norm(groups, x.shape[-1], dtype, "norm_0", min_size)(x))
-        h = nn.Conv(feats, (3, 3), dtype=dtype, name="conv_0")(h)
+        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        if train:  # Reverse-mode only: forward-mode (the ODE's divergence) runs with train=False.
+            parts = [_materialise_grad(p) for p in parts]
+        c_in = sum(p.shape[-1] for p in parts)
+        h = [nn.swish(p) for p in _group_norm(groups, c_in, dtype, "norm_0", min_size)(parts)]
+        h = PartsLinear(feats, (3, 3), dtype=dtype, name="conv_0")(h)
         h = h + nn.Dense(feats, dtype=dtype, name="cond_proj")(cond)[:, None, None]  # [B, 1, 1, F]
         h = nn.swish(_group_norm(groups, feats, dtype, "norm_1", min_size)(h))
         if train and self.dropout_rate > 0.0:
             h = dropout(h, self.dropout_rate, self.make_rng("dropout"))
         h = nn.Conv(feats, (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name="conv_1")(h)
-        if x.shape[-1] != feats:
-            x = nn.Dense(feats, dtype=dtype, name="skip_proj")(x)
-        return x + h
+        if c_in != feats:
+            skip = PartsLinear(feats, (), dtype=dtype, name="skip_proj")(parts)
+        else:
+            skip = parts[0]
+        return skip + h
 
 
 class AttnBlock(nn.Module):
@@ -326,7 +483,7 @@ class ScoreUNet(nn.Module):
         h = res("mid_res_1", attn("mid_attn", res("mid_res_0", h)))
 
         for i in range(self.num_blocks + 1):
-            h = res(f"up_{i}", jnp.concatenate([h, skips.pop()], axis=-1))
+            h = res(f"up_{i}", [h, skips.pop()])
             if every:
                 h = attn(f"up_attn_{i}", h)
 
