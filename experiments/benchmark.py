@@ -1020,9 +1020,9 @@ def format_table(report: dict[str, Any]) -> str:
             *errors,
             "s/step: median over the timed steps; img/s at the median. GFLOP: analytic "
             "conv/matmul count (train = 3x forward). vs conv: analytic FLOP/s over the conv "
-            "stack's (its depth in parentheses). cpu/wall: this process's CPU seconds per wall "
-            "second while stepping (about the core count when it had the host to itself). "
-            "vs conv is the median over rounds of the ratio within each round. "
+            "stack's (its depth in parentheses) within each round, median over rounds. "
+            "cpu/wall: this process's CPU seconds per wall second while stepping (about the "
+            "core count when it had the host to itself). "
             "XLA MiB: compiled.memory_analysis() per device (arguments + outputs - aliased + "
             "temporaries). est MiB (--memory_only): train state + gradients + saved "
             "activations per device, from the traced program. peak MiB: "

@@ -317,13 +317,13 @@ def mixture_eps_fn(z, gamma_t):
     return (z - alpha * (weights @ _MIX_F)) / jnp.sqrt(sigma2)
 
 
-def _mix_log_q(z: np.ndarray, gamma: float) -> np.ndarray:
-    """log q(z_t) of the mixture, [N, 2] -> [N], float64."""
+def _mix_log_q(z, gamma: float, xp=np):
+    """log q(z_t) of the mixture, [N, 2] -> [N]: float64 numpy, or ``xp=jnp`` (traceable)."""
     a2, s2 = _alpha2_sigma2(gamma)
-    sq = np.sum((z[:, None, :] - math.sqrt(a2) * _MIX_F) ** 2, axis=-1)
-    comp = np.log(_MIX_PI) - 0.5 * sq / s2 - math.log(2 * math.pi * s2)
+    sq = xp.sum((z[:, None, :] - math.sqrt(a2) * _MIX_F) ** 2, axis=-1)
+    comp = xp.log(_MIX_PI) - 0.5 * sq / s2 - math.log(2 * math.pi * s2)
     top = comp.max(axis=1, keepdims=True)
-    return (top + np.log(np.exp(comp - top).sum(axis=1, keepdims=True)))[:, 0]
+    return (top + xp.log(xp.exp(comp - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def _decoder_log_prob(x: np.ndarray, z: np.ndarray, gamma_0: float) -> np.ndarray:
@@ -383,11 +383,7 @@ def test_ode_recovers_the_mixture_density_from_its_exact_score(gamma_0, tol):
     z = math.sqrt(a2) * _MIX_F[comp] + math.sqrt(s2) * 1.5 * rng.normal(size=(8, 2))
 
     def log_q1(z1):
-        a2_1, s2_1 = _alpha2_sigma2(_MIX_GAMMA_1)
-        sq = jnp.sum(jnp.square(z1[:, None, :] - math.sqrt(a2_1) * _MIX_F), axis=-1)
-        return jax.nn.logsumexp(
-            jnp.log(_MIX_PI) - 0.5 * sq / s2_1 - math.log(2 * math.pi * s2_1), axis=1
-        )
+        return _mix_log_q(z1, _MIX_GAMMA_1, jnp)
 
     out = jax.jit(
         lambda y, log_prior: likelihood.ode_log_likelihood(

@@ -507,11 +507,9 @@ def ode_bpd(
         recon = jnp.zeros((samples * batch,), jnp.float32)
     else:
         eps = jax.random.normal(key_u, x_rep.shape)
-        log_sigma = 0.5 * schedules.log_sigma2(gamma_t0)
-        z = jnp.exp(log_alpha) * diffusion.encode(x_rep, vocab_size) + jnp.exp(log_sigma) * eps
-        log_q = -0.5 * diffusion.sum_except_batch(jnp.square(eps)) - dims * (
-            log_sigma + 0.5 * math.log(2.0 * math.pi)
-        )
+        z = diffusion.diffuse(diffusion.encode(x_rep, vocab_size), gamma_t0, eps)
+        # q(z | x) = N(alpha f(x), sigma^2 I): the density of eps over sigma^D.
+        log_q = standard_normal_log_prob(eps) - dims * 0.5 * schedules.log_sigma2(gamma_t0)
         recon = diffusion.reconstruction_loss(x_rep, z, gamma_t0, vocab_size)
         offset = recon + log_q
     result = ode_log_likelihood(
