@@ -72,7 +72,10 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
     assert "bpd_diff" not in r  # the ODE gives one number, not ELBO terms
     if dequantization == "decoder":
         assert 0 <= r["bpd_recon"] < r["bpd"]
-        assert 0 < r["bpd_mc_stderr"] < r["bpd_stderr"]  # two draws per image
+        # Two draws per image. The Monte Carlo error is at most the split's standard error
+        # in expectation (equal when the images do not differ, nearly so for this untrained
+        # model), and each is estimated from 297 images: 1.5x allows their noise.
+        assert 0 < r["bpd_mc_stderr"] < 1.5 * r["bpd_stderr"]
     else:
         assert "bpd_recon" not in r
         assert "bpd_mc_stderr" not in r  # one draw per image: no Monte Carlo error
