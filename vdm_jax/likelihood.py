@@ -496,9 +496,9 @@ def ode_bpd(
     key_u, key_ode = jax.random.split(key)
     samples, batch, dims = num_dequant_samples, x.shape[0], _flat_dims(x.shape)
     gamma_t0 = gamma_fn(jnp.asarray(t0, jnp.float32))
-    log_alpha = 0.5 * schedules.log_alpha2(gamma_t0)
     x_rep = jnp.broadcast_to(x, (samples, *x.shape)).reshape((samples * batch, *x.shape[1:]))
     if dequantization == "uniform":
+        log_alpha = 0.5 * schedules.log_alpha2(gamma_t0)
         u = jax.random.uniform(key_u, x_rep.shape)
         y = 2.0 * (x_rep.astype(jnp.float32) + u) / vocab_size - 1.0
         z = jnp.exp(log_alpha) * y

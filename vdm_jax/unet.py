@@ -124,7 +124,6 @@ def _group_norm_core(
     x = x.astype(jnp.float32)
     sums = checkpoint_name(jnp.sum(x, axis=spatial), _GROUP_SUMS)  # [B, C]
     squares = checkpoint_name(jnp.sum(jnp.square(x), axis=spatial), _GROUP_SUMS)
-    add = bias.astype(jnp.float32)
     if shift is not None:  # Sums of u = x + shift from those of x.
         shift = shift.astype(jnp.float32)
         squares = squares + shift * (2.0 * sums + positions * shift)
@@ -137,7 +136,8 @@ def _group_norm_core(
     mean = group_mean(sums)
     var = jnp.maximum(group_mean(squares) - jnp.square(mean), 0.0)
     mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + epsilon)  # [B, C]
-    add = add - mean * mul if shift is None else add + (shift - mean) * mul
+    centre = mean if shift is None else mean - shift  # y = (x - centre) mul + bias
+    add = bias.astype(jnp.float32) - centre * mul
     shape = (batch,) + (1,) * len(spatial) + (channels,)
     y = x * mul.reshape(shape) + add.reshape(shape)
     return y * jax.nn.sigmoid(y) if swish else y
@@ -169,26 +169,32 @@ class GroupNorm(nn.Module):
         normalised parts. Groups within one part never form the concatenation; a group that
         straddles two parts makes the layer normalise the concatenation and split it again.
         """
-        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        given_parts = isinstance(x, (list, tuple))
+        parts = list(x) if given_parts else [x]
         widths = [p.shape[-1] for p in parts]
         scale = self.param("scale", nn.initializers.ones, (sum(widths),))
         bias = self.param("bias", nn.initializers.zeros, (sum(widths),))
         kwargs = dict(epsilon=self.epsilon, swish=swish)
         group_size = sum(widths) // self.num_groups
+        bounds = np.cumsum([0, *widths])
         if any(w % group_size for w in widths):  # A group straddles two parts.
-            y = group_norm(
-                jnp.concatenate(parts, axis=-1), scale, bias, self.num_groups, shift=shift, **kwargs
-            )
-            outs = jnp.split(y.astype(self.dtype), np.cumsum(widths)[:-1], axis=-1)
+            whole = jnp.concatenate(parts, axis=-1)
+            y = group_norm(whole, scale, bias, self.num_groups, shift=shift, **kwargs)
+            outs = jnp.split(y, bounds[1:-1], axis=-1)
         else:
-            bounds = np.cumsum([0, *widths])
-            outs = []
-            for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
-                part_shift = None if shift is None else shift[:, a:b]
-                groups = (b - a) // group_size
-                y = group_norm(part, scale[a:b], bias[a:b], groups, shift=part_shift, **kwargs)
-                outs.append(y.astype(self.dtype))
-        return list(outs) if isinstance(x, (list, tuple)) else outs[0]
+            outs = [
+                group_norm(
+                    part,
+                    scale[a:b],
+                    bias[a:b],
+                    (b - a) // group_size,
+                    shift=None if shift is None else shift[:, a:b],
+                    **kwargs,
+                )
+                for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)
+            ]
+        outs = [y.astype(self.dtype) for y in outs]
+        return outs if given_parts else outs[0]
 
 
 class PartsLinear(nn.Module):
