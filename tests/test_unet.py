@@ -104,7 +104,7 @@ def test_count_params():
     ("channels", "groups"), [(128, 32), (256, 32), (32, 8), (48, 12), (24, 6), (6, 1), (3, 1)]
 )
 def test_group_norm_groups(channels, groups):
-    assert unet._group_norm(32, channels, jnp.float32, "n").num_groups == groups
+    assert unet._num_groups(32, channels, unet.MIN_GROUP_SIZE) == groups
 
 
 def _group_norm_reference(x, scale, bias, groups, eps=1e-6, xp=np):
@@ -227,9 +227,8 @@ def test_group_norm_of_parts_is_group_norm_of_concatenation(widths, groups):
             "bias": 0.2 * jax.random.normal(keys[-1], (sum(widths),)),
         }
     }
-    norm = unet.GroupNorm(num_groups=groups)
-    whole = norm.apply(params, jnp.concatenate(parts, axis=-1))
-    split = norm.apply(params, parts)
+    whole = unet.GroupNorm(num_groups=groups).apply(params, jnp.concatenate(parts, axis=-1))
+    split = unet.PartsGroupNorm(num_groups=groups).apply(params, parts)
     assert isinstance(split, list) and [p.shape[-1] for p in split] == list(widths)
     np.testing.assert_allclose(jnp.concatenate(split, axis=-1), whole, atol=1e-5)
 
@@ -251,6 +250,12 @@ def test_parts_linear_matches_flax_on_concatenation(kernel_size):
     np.testing.assert_allclose(
         layer.apply(params, parts), flax_layer.apply(params, whole), rtol=1e-5, atol=1e-5
     )
+    # The split-bias variant: same parameters, the bias returned instead of added.
+    no_bias, bias = unet.PartsLinearSplitBias(7, kernel_size).apply(params, parts)
+    np.testing.assert_array_equal(bias, params["params"]["bias"])
+    np.testing.assert_allclose(
+        no_bias + bias, flax_layer.apply(params, whole), rtol=1e-5, atol=1e-5
+    )
     half = unet.PartsLinear(7, kernel_size, dtype=jnp.bfloat16).apply(params, parts)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(
@@ -270,7 +275,7 @@ def test_res_block_on_parts_equals_block_on_concatenation():
     weights = jnp.sin(jnp.arange(2 * 4 * 4 * 8).reshape(2, 4, 4, 8))
 
     def loss(params, h, skip, as_parts):
-        x = [h, skip] if as_parts else jnp.concatenate([h, skip], axis=-1)
+        x = [h, skip] if as_parts else [jnp.concatenate([h, skip], axis=-1)]
         return jnp.sum(block.apply(params, x, cond, True) * weights)  # No dropout: rate 0.
 
     grads = [jax.grad(loss, argnums=(0, 1, 2))(params, h, skip, p) for p in (True, False)]
@@ -404,7 +409,7 @@ def test_fourier_features_and_embedding():
     ("channels", "min_size", "groups"), [(32, 1, 32), (64, 1, 32), (48, 1, 24), (32, 2, 16)]
 )
 def test_group_norm_min_group_size(channels, min_size, groups):
-    assert unet._group_norm(32, channels, jnp.float32, "n", min_size).num_groups == groups
+    assert unet._num_groups(32, channels, min_size) == groups
 
 
 def test_reference_options_add_z_flag_and_groups():

@@ -143,34 +143,21 @@ def _group_norm_core(
     return y * jax.nn.sigmoid(y) if swish else y
 
 
-class GroupNorm(nn.Module):
-    """:func:`group_norm` with learned ``scale`` (ones) and ``bias`` (zeros), each [C].
-
-    The parameters and the function are those of ``flax.linen.GroupNorm(num_groups)``
-    (epsilon 1e-6, float32 statistics), so checkpoints of either load into the other.
-    """
+class _GroupNormBase(nn.Module):
+    """Fields and parameters shared by :class:`GroupNorm` and :class:`PartsGroupNorm`."""
 
     num_groups: int
     dtype: Any = jnp.float32
     epsilon: float = 1e-6
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array | Sequence[jax.Array],
-        shift: jax.Array | None = None,
-        swish: bool = False,
-    ) -> jax.Array | list[jax.Array]:
-        """[B, ..., C] -> [B, ..., C] in ``dtype``: ``[swish](GroupNorm(x + shift))``.
+    def _normalise(
+        self, parts: Sequence[jax.Array], shift: jax.Array | None, swish: bool
+    ) -> list[jax.Array]:
+        """Parameters ``scale`` (ones) and ``bias`` (zeros) [C], then each part normalised.
 
-        ``shift`` [B, C], optional, is added per example and channel before normalising (in
-        closed form, see :func:`group_norm`). ``x`` may also be a list of parts of one input,
-        concatenated along the channels in order; the result is then the list of the
-        normalised parts. Groups within one part never form the concatenation; a group that
-        straddles two parts makes the layer normalise the concatenation and split it again.
+        Groups within one part never form the concatenation; a group that straddles two
+        parts makes the layer normalise the concatenation and split it again.
         """
-        given_parts = isinstance(x, (list, tuple))
-        parts = list(x) if given_parts else [x]
         widths = [p.shape[-1] for p in parts]
         scale = self.param("scale", nn.initializers.ones, (sum(widths),))
         bias = self.param("bias", nn.initializers.zeros, (sum(widths),))
@@ -193,38 +180,58 @@ class GroupNorm(nn.Module):
                 )
                 for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)
             ]
-        outs = [y.astype(self.dtype) for y in outs]
-        return outs if given_parts else outs[0]
+        return [y.astype(self.dtype) for y in outs]
 
 
-class PartsLinear(nn.Module):
-    """A 3x3 conv (``kernel_size=(3, 3)``) or a dense layer (``()``) of a channel concatenation.
+class GroupNorm(_GroupNormBase):
+    """:func:`group_norm` with learned ``scale`` (ones) and ``bias`` (zeros), each [C].
 
-    Given the parts of the input (a list, concatenated along the channels in order), it
-    applies each part to its rows of the kernel and sums, so the concatenation (and in the
-    backward pass, the split of its gradient) is never formed. Parameters and their
-    initialisation are those of ``nn.Conv(features, (3, 3))`` or ``nn.Dense(features)``:
-    ``kernel`` [*kernel_size, C_in, F] (LeCun normal), ``bias`` [F]. Inputs and kernel are
-    cast to ``dtype``; the partial sums accumulate in float32.
-
-    With ``separate_bias=True`` the layer returns ``(output without the bias, bias)``, so that
-    a following :class:`GroupNorm` takes the bias into its ``shift`` instead of a pass over
-    the output.
+    The parameters and the function are those of ``flax.linen.GroupNorm(num_groups)``
+    (epsilon 1e-6, float32 statistics), so checkpoints of either load into the other.
     """
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, shift: jax.Array | None = None, swish: bool = False
+    ) -> jax.Array:
+        """[B, ..., C] -> [B, ..., C] in ``dtype``: ``[swish](GroupNorm(x + shift))``.
+
+        ``shift`` [B, C], optional, is added per example and channel before normalising (in
+        closed form, see :func:`group_norm`).
+        """
+        return self._normalise([x], shift, swish)[0]
+
+
+class PartsGroupNorm(_GroupNormBase):
+    """:class:`GroupNorm` of a channel concatenation given as its parts, part by part.
+
+    Same parameters (``scale``, ``bias`` [sum of the parts' C]) and function as
+    :class:`GroupNorm` on the concatenation, which is never formed when no group straddles
+    two parts.
+    """
+
+    @nn.compact
+    def __call__(
+        self, parts: Sequence[jax.Array], shift: jax.Array | None = None, swish: bool = False
+    ) -> list[jax.Array]:
+        """Parts [B, ..., C_i] -> the normalised parts [B, ..., C_i] in ``dtype``."""
+        return self._normalise(parts, shift, swish)
+
+
+class _PartsLinearBase(nn.Module):
+    """Fields and computation shared by :class:`PartsLinear` and :class:`PartsLinearSplitBias`."""
 
     features: int
     kernel_size: tuple[int, int] | tuple[()]
     dtype: Any = jnp.float32
-    separate_bias: bool = False
 
-    @nn.compact
-    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """[B, H, W, C_i] for each part -> [B, H, W, features] in ``dtype`` (and bias [F])."""
+    def _apply(self, parts: Sequence[jax.Array], add_bias: bool) -> tuple[jax.Array, jax.Array]:
+        """``(sum over parts of part @ its kernel rows [+ bias], bias [F])``, sums in float32."""
         widths = [p.shape[-1] for p in parts]
         shape = (*self.kernel_size, sum(widths), self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        out, start = (0.0 if self.separate_bias else bias.astype(jnp.float32)), 0
+        out, start = (bias.astype(jnp.float32) if add_bias else 0.0), 0
         for part, w in zip(parts, widths, strict=True):
             rows = kernel[..., start : start + w, :].astype(self.dtype)
             part = part.astype(self.dtype)
@@ -240,13 +247,41 @@ class PartsLinear(nn.Module):
             else:
                 out = out + jnp.dot(part, rows, preferred_element_type=jnp.float32)
             start += w
-        return (out.astype(self.dtype), bias) if self.separate_bias else out.astype(self.dtype)
+        return out.astype(self.dtype), bias
 
 
-def _group_norm(
-    num_groups: int, channels: int, dtype: Any, name: str, min_group_size: int = MIN_GROUP_SIZE
-) -> GroupNorm:
-    """GroupNorm with at most ``num_groups`` groups and ``min_group_size`` channels per group.
+class PartsLinear(_PartsLinearBase):
+    """A 3x3 conv (``kernel_size=(3, 3)``) or a dense layer (``()``) of a channel concatenation.
+
+    Given the parts of the input (a list, concatenated along the channels in order), it
+    applies each part to its rows of the kernel and sums, so the concatenation (and in the
+    backward pass, the split of its gradient) is never formed. Parameters and their
+    initialisation are those of ``nn.Conv(features, (3, 3))`` or ``nn.Dense(features)``:
+    ``kernel`` [*kernel_size, C_in, F] (LeCun normal), ``bias`` [F]. Inputs and kernel are
+    cast to ``dtype``; the partial sums accumulate in float32.
+    """
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        """[B, H, W, C_i] for each part -> [B, H, W, features] in ``dtype``."""
+        return self._apply(parts, add_bias=True)[0]
+
+
+class PartsLinearSplitBias(_PartsLinearBase):
+    """:class:`PartsLinear` that returns its bias instead of adding it.
+
+    So that a following :class:`GroupNorm` takes the bias into its ``shift`` instead of a
+    pass over the output. Same parameters as :class:`PartsLinear`.
+    """
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Parts [B, H, W, C_i] -> (output without bias [B, H, W, F] in ``dtype``, bias [F])."""
+        return self._apply(parts, add_bias=False)
+
+
+def _num_groups(num_groups: int, channels: int, min_group_size: int) -> int:
+    """GroupNorm groups: at most ``num_groups`` and ``min_group_size`` channels per group.
 
     The number of groups is the largest divisor of ``channels`` within both limits, so any
     width works (48 channels, 32 groups -> 12 groups of 4). The group size matters: with one
@@ -257,8 +292,7 @@ def _group_norm(
     (the reference code's ``nn.GroupNorm()``, 32 groups at any width).
     """
     limit = max(min(num_groups, channels // max(min_group_size, 1)), 1)
-    groups = max(g for g in range(1, limit + 1) if channels % g == 0)
-    return GroupNorm(num_groups=groups, dtype=dtype, name=name)
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 def sinusoidal_embedding(x: jax.Array, dim: int) -> jax.Array:
@@ -360,21 +394,19 @@ class ResBlock(nn.Module):
     min_group_size: int = MIN_GROUP_SIZE
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array | Sequence[jax.Array], cond: jax.Array, train: bool
-    ) -> jax.Array:
-        """[B, H, W, C_in] (or its parts [B, H, W, C_i]), [B, E] -> [B, H, W, features]."""
+    def __call__(self, parts: Sequence[jax.Array], cond: jax.Array, train: bool) -> jax.Array:
+        """The input's parts [B, H, W, C_i] (one part: the input), [B, E] -> [B, H, W, F]."""
         feats, dtype = self.features, self.dtype
-        groups, min_size = self.num_groups, self.min_group_size
-        parts = list(x) if isinstance(x, (list, tuple)) else [x]
         if train:  # Reverse-mode only: forward-mode (the ODE's divergence) runs with train=False.
             parts = [_materialise_grad(p) for p in parts]
         c_in = sum(p.shape[-1] for p in parts)
-        h = _group_norm(groups, c_in, dtype, "norm_0", min_size)(parts, swish=True)
-        h, conv_bias = PartsLinear(feats, (3, 3), dtype, separate_bias=True, name="conv_0")(h)
+        groups_in = _num_groups(self.num_groups, c_in, self.min_group_size)
+        groups = _num_groups(self.num_groups, feats, self.min_group_size)
+        h = PartsGroupNorm(groups_in, dtype, name="norm_0")(parts, swish=True)
+        h, conv_bias = PartsLinearSplitBias(feats, (3, 3), dtype, name="conv_0")(h)
         # conv_0's bias and the conditioning [B, F] enter norm_1 as its per-channel shift.
         shift = nn.Dense(feats, name="cond_proj")(cond) + conv_bias
-        h = _group_norm(groups, feats, dtype, "norm_1", min_size)(h, shift=shift, swish=True)
+        h = GroupNorm(groups, dtype, name="norm_1")(h, shift=shift, swish=True)
         if train and self.dropout_rate > 0.0:
             h = dropout(h, self.dropout_rate, self.make_rng("dropout"))
         h = nn.Conv(feats, (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name="conv_1")(h)
@@ -396,8 +428,8 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, C] -> [B, H, W, C] in ``dtype``; logits and softmax in float32."""
         b, hgt, wid, c = x.shape
-        norm = _group_norm(self.num_groups, c, self.dtype, "norm", self.min_group_size)
-        h = norm(x).reshape(b, hgt * wid, c)
+        groups = _num_groups(self.num_groups, c, self.min_group_size)
+        h = GroupNorm(groups, self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # [B, T, 3C]
         q, k, v = jnp.split(qkv, 3, axis=-1)
         # Scale q (T x C) rather than the logits (T x T).
@@ -443,7 +475,7 @@ class ScoreUNet(nn.Module):
         and there is no ``label_embed``. With D4 augmentation labels (0 = identity) the flag
         is the reference's "this image was augmented" input.
       num_groups: GroupNorm groups, at most; reduced to a divisor of the width that leaves
-        at least ``min_group_size`` channels per group, so any width works (``_group_norm``).
+        at least ``min_group_size`` channels per group, so any width works (``_num_groups``).
       min_group_size: fewest channels per GroupNorm group (4); 1 for the reference layout.
       add_z_to_eps: return ``conv_out(...) + z`` (the reference code's output); False
         returns ``conv_out(...)``, which is zero at initialisation.
@@ -527,9 +559,9 @@ class ScoreUNet(nn.Module):
 
         groups, min_size = self.num_groups, self.min_group_size
 
-        def res(name: str, x: jax.Array) -> jax.Array:
+        def res(name: str, parts: list[jax.Array]) -> jax.Array:
             block = res_cls(width, self.dropout_rate, groups, self.dtype, min_size, name=name)
-            return block(x, cond, train)
+            return block(parts, cond, train)
 
         def attn(name: str, x: jax.Array) -> jax.Array:
             return attn_cls(groups, self.dtype, min_size, name=name)(x)
@@ -537,12 +569,12 @@ class ScoreUNet(nn.Module):
         every = self.attention == "all"
         skips = [h]
         for i in range(self.num_blocks):
-            h = res(f"down_{i}", h)
+            h = res(f"down_{i}", [h])
             if every:
                 h = attn(f"down_attn_{i}", h)
             skips.append(h)
 
-        h = res("mid_res_1", attn("mid_attn", res("mid_res_0", h)))
+        h = res("mid_res_1", [attn("mid_attn", res("mid_res_0", [h]))])
 
         for i in range(self.num_blocks + 1):
             h = res(f"up_{i}", [h, skips.pop()])
@@ -550,7 +582,8 @@ class ScoreUNet(nn.Module):
                 h = attn(f"up_attn_{i}", h)
 
         # Output head in float32: one cheap conv, and eps_hat precision matters at low noise.
-        h = _group_norm(groups, width, jnp.float32, "norm_out", min_size)(h, swish=True)
+        norm_out = GroupNorm(_num_groups(groups, width, min_size), jnp.float32, name="norm_out")
+        h = norm_out(h, swish=True)
         out = nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
         return out + z.astype(jnp.float32) if self.add_z_to_eps else out
 
