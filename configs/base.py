@@ -11,15 +11,19 @@ Fields:
   data.vocab_size: K, checked against the dataset (the bpd depends on it).
   data.data_dir: TFDS data directory (None: TFDS's default).
   data.augment: random dihedral (D4) augmentation of training images.
-  model.*: the noise schedule, the loss and the score U-Net (see :mod:`vdm_jax.unet`).
-    ``conditioning`` is "none", "label" (the dataset's class) or "augmentation" (the D4
-    index; needs ``data.augment``; evaluation and sampling use the identity, 0).
+  model.*: the noise schedule (a :data:`vdm_jax.schedules.SCHEDULES` entry), the loss and
+    the score U-Net (see :mod:`vdm_jax.unet`). ``conditioning`` is a
+    :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
+    or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
+    identity, 0).
   optimizer.*: AdamW with linear warmup, optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
     draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
-  eval.*: global batch size, method ("elbo" or "ode") and its settings for the whole-split
-    bpd; ``reference_checkpoint`` evaluates a released reference checkpoint.
-  sample.*: number of samples, global batch, sampler steps, sampler and decoding.
+  eval.*: global batch size, method (a :data:`vdm_jax.eval_methods.EVAL_METHODS` entry) and
+    its settings for the whole-split bpd; ``reference_checkpoint`` evaluates a released
+    reference checkpoint.
+  sample.*: number of samples, global batch, sampler steps, sampler and decoding (entries of
+    :data:`vdm_jax.samplers.SAMPLERS` and :data:`vdm_jax.samplers.DECODERS`).
 """
 
 from __future__ import annotations
@@ -87,14 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128
-    # "elbo": the negative ELBO (upper bound on -log P(x)); "ode": the probability-flow ODE
-    # likelihood, dequantized (continuous-time models only).
+    # A vdm_jax.eval_methods.EVAL_METHODS entry. "elbo": the negative ELBO (an upper bound on
+    # -log P(x)) with the training estimator (times (u + i/B) mod 1 over the batch);
+    # "elbo_stratified": the same bound with stratified times per image in 2 independent
+    # replicates, giving a Monte Carlo standard error; "elbo_importance": as stratified, under
+    # a proposal q(t) fitted on a pilot batch; "ode": the probability-flow ODE likelihood,
+    # dequantized. All but "elbo" need a continuous-time model.
     config.eval.method = "elbo"
-    config.eval.num_time_samples = 1
-    # Times for "elbo": "antithetic" (the training estimator, (u + i/B) mod 1 over the batch),
-    # "stratified" (per image, in 2 independent replicates, giving a Monte Carlo standard
-    # error), "importance" (stratified under a proposal q(t) fitted on a pilot batch).
-    config.eval.time_sampling = "antithetic"
+    config.eval.num_time_samples = 1  # Network evaluations per image of the ELBO methods.
     config.eval.ode_rtol = 1e-5
     config.eval.ode_atol = 1e-5
     config.eval.ode_divergence = "hutchinson"  # "exact" only for small images.

@@ -15,7 +15,7 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vdm_jax import evaluate, sharding, train
+from vdm_jax import evaluate, experiment, sampling, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 MODES = {
     "train": train.train_and_evaluate,
     "eval": evaluate.run_eval,
-    "sample": evaluate.run_sample,
+    "sample": sampling.run_sample,
 }
 
 
@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    exp = experiment.build(_CONFIG.value)
+    MODES[_MODE.value](exp, _WORKDIR.value)
 
 
 if __name__ == "__main__":

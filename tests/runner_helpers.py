@@ -17,7 +17,7 @@ import numpy as np
 from tensorboardX.proto import event_pb2
 
 from configs import test as test_config
-from vdm_jax import checkpoint, data, sharding, state
+from vdm_jax import checkpoint, evaluate, experiment, sampling, state, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +26,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the environment, turns the repeats into cache hits.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vdm_jax_xla_cache_"))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def train_run(
+    config: ml_collections.ConfigDict, workdir: str, devices: Any = None
+) -> state.TrainState:
+    """``--mode=train`` in this process: the experiment of ``config``, trained in ``workdir``."""
+    return train.train_and_evaluate(experiment.build(config, devices), workdir)
+
+
+def eval_run(config: ml_collections.ConfigDict, workdir: str, devices: Any = None) -> dict:
+    """``--mode=eval`` in this process; returns the written record."""
+    return evaluate.run_eval(experiment.build(config, devices), workdir)
+
+
+def sample_run(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
+    """``--mode=sample`` in this process; returns the samples."""
+    return sampling.run_sample(experiment.build(config), workdir)
 
 
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -96,11 +113,8 @@ def free_port() -> int:
 
 def restore(config: ml_collections.ConfigDict, workdir: str) -> state.TrainState:
     """The latest checkpoint of ``workdir``, on this process's devices, as numpy arrays."""
-    info = data.get_info(config.data.name, config.data.data_dir)
-    vdm = state.create_model(config, info)
-    mesh = sharding.make_mesh(jax.local_devices()[:1])
-    abstract = state.abstract_train_state(config, info, vdm, state.create_optimizer(config), mesh)
-    restored = checkpoint.restore_latest_in(workdir, abstract)
+    exp = experiment.build(config, jax.local_devices()[:1])
+    restored = checkpoint.restore_latest_in(workdir, state.abstract_train_state(exp))
     assert restored is not None, f"no checkpoint in {workdir}"
     return jax.tree.map(np.asarray, restored)
 

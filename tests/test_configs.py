@@ -9,9 +9,9 @@ import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from runner_helpers import REPO, tiny_config
+from runner_helpers import REPO, tiny_config, train_run
 
-from vdm_jax import config_validation, data, state, train, unet
+from vdm_jax import config_validation, data, experiment, state, unet
 
 CONFIGS = ("base", "cifar10", "cifar10_aug", "imagenet32", "imagenet64", "digits", "test")
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.
@@ -57,12 +57,9 @@ def test_derived_configs_change_only_a_few_fields():
 def test_paper_models_have_the_paper_sizes():
     for name, expected in (("cifar10", 30_586_243), ("imagenet64", 237_636_355)):
         config = load(name)
-        info = INFOS[config.data.name]
-        vdm = state.create_model(config, info)
+        exp = experiment.build(config, info=INFOS[config.data.name])
         shapes = jax.eval_shape(
-            lambda vdm=vdm, info=info, config=config: vdm.init(
-                jax.random.PRNGKey(0), *state.dummy_inputs(config, info)
-            )
+            lambda exp=exp: exp.vdm.init(jax.random.PRNGKey(0), *state.dummy_inputs(exp))
         )
         assert unet.count_params(shapes["params"]["score_net"]) == expected
 
@@ -70,7 +67,8 @@ def test_paper_models_have_the_paper_sizes():
 def test_augmentation_config_conditions_on_the_d4_index():
     config = load("cifar10_aug")
     assert config.data.augment
-    assert state.num_classes(config, INFOS["cifar10"]) == data.NUM_AUGMENTATIONS == 8
+    exp = experiment.build(config, info=INFOS["cifar10"])
+    assert exp.num_classes == data.NUM_AUGMENTATIONS == 8
 
 
 def test_command_line_overrides():
@@ -146,5 +144,5 @@ def test_label_conditioning_needs_labels():
 def test_bad_config_stops_before_any_work(tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(config_validation.ConfigError, match=r"batch_size=12 .* 8 devices"):
-        train.train_and_evaluate(tiny_config(**{"training.batch_size": 12}), str(workdir))
+        train_run(tiny_config(**{"training.batch_size": 12}), str(workdir))
     assert not workdir.exists()

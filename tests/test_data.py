@@ -17,8 +17,7 @@ DIGITS = data.DatasetInfo("digits", (8, 8, 1), 17, 10, 1500, 297)
 
 def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
     batches = list(itertools.islice(iterator, n))
-    if isinstance(iterator, data.Prefetcher):
-        iterator.close()
+    iterator.close()
     return batches
 
 

@@ -1,5 +1,5 @@
 """Evaluation methods of the runner: per-image time sampling, importance sampling, the ODE
-bound, and released reference checkpoints, each through ``evaluate``/``run_eval``."""
+bound, and released reference checkpoints, each through ``Evaluator``/``run_eval``."""
 
 import json
 import os
@@ -8,35 +8,36 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from runner_helpers import tiny_config
+from runner_helpers import eval_run, tiny_config
 from test_reference import _layout, _random_tree, _write_clu_checkpoint
 
-from vdm_jax import config_validation, evaluate, reference, state
+from vdm_jax import config_validation, evaluate, experiment, reference, state
 
 
 def _perturbed_state(config):
     """A tiny model whose noise prediction is not zero (the last conv starts at zero)."""
-    mesh, info = state.setup(config, jax.devices()[:1])
-    vdm = state.create_model(config, info)
-    train_state = state.create_train_state(config, info, vdm, state.create_optimizer(config), mesh)
+    exp = experiment.build(config, jax.devices()[:1])
+    train_state = state.create_train_state(exp)
     leaves, treedef = jax.tree.flatten(train_state.ema_params)
     keys = jax.random.split(jax.random.key(5), len(leaves))
     noisy = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    return info, vdm, mesh, jax.tree.unflatten(treedef, noisy)
+    return exp, jax.tree.unflatten(treedef, noisy)
 
 
 def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
     results = {}
-    for sampling in ("antithetic", "stratified", "importance"):
-        config = tiny_config(**{"eval.time_sampling": sampling, "eval.num_time_samples": 4})
-        info, vdm, mesh, params = _perturbed_state(config)
-        results[sampling] = evaluate.evaluate(config, info, vdm, params, mesh)
+    for method in ("elbo", "elbo_stratified", "elbo_importance"):
+        config = tiny_config(**{"eval.method": method, "eval.num_time_samples": 4})
+        exp, params = _perturbed_state(config)
+        evaluator = evaluate.Evaluator(exp)
+        results[method] = evaluator(params).record()
     # A second evaluation (as during training) reuses the compiled pilot of q(t).
-    compiled_pilots = evaluate._pilot_proposal._cache_size()
-    again = evaluate.evaluate(config, info, vdm, params, mesh)
-    assert evaluate._pilot_proposal._cache_size() == compiled_pilots
-    assert again["bpd"] == results["importance"]["bpd"]
-    strat, imp, anti = results["stratified"], results["importance"], results["antithetic"]
+    compiled_pilots = evaluator.prepare._cache_size()
+    again = evaluator(params).record()
+    assert evaluator.prepare._cache_size() == compiled_pilots == 1
+    assert again["bpd"] == results["elbo_importance"]["bpd"]
+    strat, imp = results["elbo_stratified"], results["elbo_importance"]
+    anti = results["elbo"]
     for r in results.values():
         assert r["num_examples"] == 297 and r["num_time_samples"] == 4
         assert np.isfinite(r["bpd"]) and r["bpd_stderr"] > 0
@@ -63,8 +64,8 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
             "eval.batch_size": 300,
         }
     )
-    info, vdm, mesh, params = _perturbed_state(config)
-    r = evaluate.evaluate(config, info, vdm, params, mesh)
+    exp, params = _perturbed_state(config)
+    r = evaluate.Evaluator(exp)(params).record()
     assert r["method"] == "ode" and r["num_examples"] == 297
     assert np.isfinite(r["bpd"]) and r["bpd"] > 0
     assert r["num_function_evals"] > 6 and r["ode_rtol"] == 1e-2
@@ -84,7 +85,12 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
 def test_eval_settings_are_validated():
     for overrides, field in (
         ({"eval.method": "ode", "model.timesteps": 10, "sample.num_steps": 10}, "eval.method"),
-        ({"eval.time_sampling": "stratified", "eval.num_time_samples": 3}, "num_time_samples"),
+        ({"eval.method": "elbo_stratified", "eval.num_time_samples": 3}, "num_time_samples"),
+        (
+            {"eval.method": "elbo_importance", "model.timesteps": 10, "sample.num_steps": 10},
+            "continuous-time",
+        ),
+        ({"eval.bogus": 1}, "eval.bogus is not a field"),
         ({"eval.method": "exact"}, "eval.method"),
         ({"eval.ode_rtol": 0.0}, "eval.ode_rtol"),
         ({"eval.ode_dequantization": "variational"}, "eval.ode_dequantization"),
@@ -111,14 +117,16 @@ def test_reference_checkpoint_eval_uses_its_ema_parameters(tmp_path):
     workdir = str(tmp_path / "work")
     os.makedirs(workdir)
     with tfds.testing.mock_data(num_examples=12):
-        record = evaluate.run_eval(config, workdir, devices=jax.devices()[:1])
+        record = eval_run(config, workdir, devices=jax.devices()[:1])
         assert record["step"] == 1234 and record["num_examples"] == 12
-        assert config.model.label_input == "flag" and config.model.add_z_to_eps
-        mesh, info = state.setup(config, jax.devices()[:1])
-        vdm = state.create_model(config, info)
+        exp = experiment.build(config, jax.devices()[:1])
+        assert exp.model.label_input == "flag" and exp.model.add_z_to_eps
+        # The caller's config is not changed; only the experiment takes the architecture.
+        assert config.model.label_input == "embed" and not config.model.add_z_to_eps
         restored = reference.restore_reference(ckpt)
+        evaluator = evaluate.Evaluator(exp)
         for which, expect_equal in ((restored.ema_params, True), (restored.params, False)):
-            r = evaluate.evaluate(config, info, vdm, which, mesh)
-            assert np.isclose(r["bpd"], record["bpd"], rtol=1e-6) == expect_equal
+            r = evaluator(which)
+            assert np.isclose(r.bpd, record["bpd"], rtol=1e-6) == expect_equal
     with open(os.path.join(workdir, "eval_step_1234.json")) as f:
         assert json.load(f)["bpd"] == record["bpd"]

@@ -3,9 +3,7 @@
 import json
 import os
 
-from runner_helpers import tiny_config
-
-from vdm_jax import train
+from runner_helpers import tiny_config, train_run
 
 
 def test_bfloat16_run_matches_float32_bpd_within_its_standard_error(tmp_path):
@@ -25,7 +23,7 @@ def test_bfloat16_run_matches_float32_bpd_within_its_standard_error(tmp_path):
             }
         )
         workdir = str(tmp_path / dtype)
-        assert int(train.train_and_evaluate(config, workdir).step) == 8
+        assert int(train_run(config, workdir).step) == 8
         with open(os.path.join(workdir, "eval_step_8.json")) as f:
             results[dtype] = json.load(f)
     f32, bf16 = results["float32"], results["bfloat16"]

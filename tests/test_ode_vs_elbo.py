@@ -30,7 +30,7 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import likelihood, model, schedules
+from vdm_jax import elbo_estimators, model, ode_likelihood, schedules
 
 K, SHAPE = 4, (2, 2, 1)
 DIMS = math.prod(SHAPE)
@@ -113,7 +113,7 @@ def trained():
 @functools.partial(jax.jit, static_argnums=0)
 def _elbo(vdm, params, x):
     gamma_fn, eps_fn = model.inference_fns(vdm, params)
-    return likelihood.elbo_eval(
+    return elbo_estimators.elbo_eval(
         jax.random.key(2), x, gamma_fn, eps_fn, vocab_size=K, num_time_samples=16
     )
 
@@ -121,7 +121,7 @@ def _elbo(vdm, params, x):
 @functools.partial(jax.jit, static_argnums=0)
 def _ode(vdm, params, x):
     gamma_fn, eps_fn = model.inference_fns(vdm, params)
-    return likelihood.ode_bpd(
+    return ode_likelihood.ode_bpd(
         jax.random.key(3),
         x,
         gamma_fn,

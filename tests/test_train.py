@@ -15,16 +15,29 @@ import tensorflow_datasets as tfds
 from runner_helpers import (
     REPO,
     assert_trees_close,
+    eval_run,
     flag_overrides,
     latest_step,
     main_command,
     read_events,
     restore,
+    sample_run,
     subprocess_env,
     tiny_config,
+    train_run,
 )
 
-from vdm_jax import checkpoint, data, evaluate, sharding, state, train
+from vdm_jax import (
+    checkpoint,
+    conditioning,
+    data,
+    evaluate,
+    experiment,
+    outputs,
+    sharding,
+    state,
+    train,
+)
 
 # Evaluation and sampling only where a test looks at them (each costs a compilation).
 NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
@@ -33,7 +46,7 @@ NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
 def test_train_resume_evaluate_sample(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config()  # 4 steps, checkpoints every 2, eval and samples at step 4.
-    first = train.train_and_evaluate(config, workdir)
+    first = train_run(config, workdir)
     assert int(first.step) == 4
     assert latest_step(workdir) == 4
     events = read_events(workdir)
@@ -49,14 +62,14 @@ def test_train_resume_evaluate_sample(tmp_path):
     # Resume: a longer run continues from step 4 instead of starting over.
     config.training.num_steps = 6
     config.training.eval_every = 3
-    resumed = train.train_and_evaluate(config, workdir)
+    resumed = train_run(config, workdir)
     assert int(resumed.step) == 6
     assert latest_step(workdir) == 6
     assert os.path.exists(os.path.join(workdir, "eval_step_6.json"))  # 6 % 3 == 0.
     assert not os.path.exists(os.path.join(workdir, "eval_step_3.json"))  # Not re-run.
 
     # --mode=eval reproduces the number the training run wrote for the same step and seed.
-    results = evaluate.run_eval(config, workdir)
+    results = eval_run(config, workdir)
     with open(os.path.join(workdir, "eval_step_6.json")) as f:
         written = json.load(f)
     assert results == written
@@ -68,7 +81,7 @@ def test_train_resume_evaluate_sample(tmp_path):
     assert results["bpd"] == pytest.approx(terms, rel=1e-5)
 
     # --mode=sample: a PNG grid and the integers.
-    samples = evaluate.run_sample(config, workdir)
+    samples = sample_run(config, workdir)
     assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.int32
     assert samples.min() >= 0 and samples.max() < 17
     assert os.path.getsize(os.path.join(workdir, "samples", "step_6.png")) > 0
@@ -80,20 +93,17 @@ def test_train_resume_evaluate_sample(tmp_path):
 
 def test_eight_devices_match_one_device():
     config = tiny_config(**{"eval.num_time_samples": 2})
-    info = data.get_info("digits")
-    vdm = state.create_model(config, info)
-    optimizer = state.create_optimizer(config)
     batches = data.train_iterator("digits", global_batch_size=16, seed=0, prefetch=0)
     batches = [next(batches) for _ in range(3)]
     runs = {}
     for n in (1, 8):
-        mesh = sharding.make_mesh(jax.devices()[:n])
-        train_state = state.create_train_state(config, info, vdm, optimizer, mesh)
-        eval_before = evaluate.evaluate(config, info, vdm, train_state.ema_params, mesh)
-        step_fn = train.make_train_step(config, info, vdm, mesh)
+        exp = experiment.build(config, jax.devices()[:n])
+        train_state = state.create_train_state(exp)
+        eval_before = evaluate.Evaluator(exp)(train_state.ema_params).record()
+        step_fn = train.make_train_step(exp)
         history = []
         for batch in batches:
-            train_state, metrics = step_fn(train_state, train.model_inputs(batch, config, mesh))
+            train_state, metrics = step_fn(train_state, train.train_inputs(exp, batch))
             history.append(jax.device_get(metrics))
         assert step_fn._cache_size() == 1  # One compilation for every step.
         runs[n] = (jax.device_get(train_state), history, eval_before)
@@ -142,8 +152,8 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 
     # Resume to a few steps later; compare with a run that was never interrupted.
     final = {**NO_EVAL, "training.num_steps": stopped_at + 3}
-    resumed = train.train_and_evaluate(tiny_config(**final), preempted)
-    uninterrupted = train.train_and_evaluate(tiny_config(**final), straight)
+    resumed = train_run(tiny_config(**final), preempted)
+    uninterrupted = train_run(tiny_config(**final), straight)
     assert int(resumed.step) == int(uninterrupted.step) == stopped_at + 3
     assert_trees_close(jax.device_get(resumed), jax.device_get(uninterrupted), rtol=1e-6)
 
@@ -151,7 +161,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     workdir = str(tmp_path)
     config = tiny_config(**NO_EVAL, **{"training.num_steps": 2})
-    good = jax.device_get(train.train_and_evaluate(config, workdir))
+    good = jax.device_get(train_run(config, workdir))
     assert latest_step(workdir) == 2
 
     # Resume from diverged parameters (NaN): every loss is NaN from then on.
@@ -164,7 +174,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoint, "restore_latest", diverged)
     config.training.num_steps = 6
     with pytest.raises(FloatingPointError, match=r"non-finite .* training step 3 .*step 2 in"):
-        train.train_and_evaluate(config, workdir)
+        train_run(config, workdir)
     monkeypatch.undo()
     assert latest_step(workdir) == 2
     assert_trees_close(restore(config, workdir), good, rtol=0, atol=0)
@@ -186,7 +196,7 @@ def test_tfds_path_under_mock_data(tmp_path):
         }
     )
     with tfds.testing.mock_data(num_examples=20):
-        final = train.train_and_evaluate(config, workdir)
+        final = train_run(config, workdir)
     assert int(final.step) == 2
     with open(os.path.join(workdir, "eval_step_2.json")) as f:
         results = json.load(f)
@@ -201,12 +211,13 @@ def test_bad_data_is_a_clear_error(tmp_path):
     config = tiny_config(**NO_EVAL, **{"data.name": "imagenet32", "data.vocab_size": 256})
     with tfds.testing.mock_data(num_examples=5):  # Mock images have random shapes.
         with pytest.raises(ValueError, match=r"'imagenet32'.*'image'.*shape \(32, 32, 3\)"):
-            train.train_and_evaluate(config, str(tmp_path))
+            train_run(config, str(tmp_path))
     assert latest_step(str(tmp_path)) is None
 
 
 def test_learning_rate_warms_up_linearly():
-    schedule = state.learning_rate_schedule(tiny_config(**{"optimizer.warmup_steps": 4}))
+    spec = experiment.build(tiny_config(**{"optimizer.warmup_steps": 4})).optimizer
+    schedule = state.learning_rate_schedule(spec)
     lr = tiny_config().optimizer.learning_rate
     np.testing.assert_allclose(
         [float(schedule(s)) for s in range(6)], [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr]
@@ -215,21 +226,28 @@ def test_learning_rate_warms_up_linearly():
 
 def test_model_batch_follows_the_conditioning():
     batch = {"image": np.ones((2, 8, 8, 1), np.int32), "label": np.array([3, 5], np.int32)}
-    assert evaluate.model_batch(batch, "none", train=True).keys() == {"image"}
+    conditionings = conditioning.CONDITIONINGS
+    assert conditionings["none"].model_batch(batch, train=True).keys() == {"image"}
     np.testing.assert_array_equal(
-        evaluate.model_batch(batch, "label", train=False)["label"], [3, 5]
+        conditionings["label"].model_batch(batch, train=False)["label"], [3, 5]
     )
-    aug = evaluate.model_batch(batch, "augmentation", train=False)["label"]
+    aug = conditionings["augmentation"].model_batch(batch, train=False)["label"]
     np.testing.assert_array_equal(aug, [0, 0])  # Evaluate on unaugmented images.
+    np.testing.assert_array_equal(
+        conditionings["augmentation"].model_batch(batch, train=True)["label"], [3, 5]
+    )
 
 
-def test_image_grid_scales_values_and_upscales():
+def test_image_grid_scales_values_and_upscales_with_visible_gaps():
     samples = np.zeros((5, 8, 8, 1), np.int32)
     samples[0] = 16
-    grid = evaluate.image_grid(samples, vocab_size=17, padding=1)
-    # 2 rows x 3 columns of 32-pixel images (8 x 4) with 1 pixel of padding.
-    assert grid.shape == (2 * 33 + 1, 3 * 33 + 1, 1) and grid.dtype == np.uint8
-    assert grid[1:33, 1:33].min() == 255 and grid[1:33, 34:66].max() == 0
+    grid = outputs.image_grid(samples, vocab_size=17, gap=2)
+    # 2 rows x 3 columns of 64-pixel images (8 x 8) with 2 grey pixels around each.
+    assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 1) and grid.dtype == np.uint8
+    assert grid[2:66, 2:66].min() == 255 and grid[2:66, 68:132].max() == 0
+    gaps = np.concatenate([grid[:2].ravel(), grid[66:68].ravel(), grid[:, 66:68].ravel()])
+    assert (gaps == outputs.GAP_VALUE).all()  # Neither black nor white: tiles stand apart.
+    assert outputs.image_grid(samples, vocab_size=17).shape[0] > 2 * 64  # Default gap.
 
 
 def test_cluster_detection():

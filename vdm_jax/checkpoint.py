@@ -8,10 +8,14 @@ function of ``(seed, step)``) and the PRNG key is in the state. Checkpoints live
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vdm_jax import reference, sharding, state
+from vdm_jax.experiment import Experiment
 from vdm_jax.state import TrainState
 
 
@@ -69,3 +73,26 @@ def restore_latest_in(workdir: str, abstract_state: TrainState) -> TrainState | 
         return restore_latest(manager, abstract_state)
     finally:
         manager.close()
+
+
+def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
+    """``(EMA parameters, step)`` to evaluate or sample with, replicated over the mesh.
+
+    From ``eval.reference_checkpoint`` when set (a released google-research/vdm checkpoint,
+    whose architecture :func:`vdm_jax.experiment.build` already gave ``exp``), else from the
+    latest checkpoint of ``workdir``.
+
+    Raises:
+      FileNotFoundError: if ``workdir`` has no checkpoint.
+    """
+    path = exp.eval.reference_checkpoint
+    if path:
+        restored = reference.restore_reference(path)
+        logging.info("Evaluating reference checkpoint %s (step %d).", path, restored.step)
+        return jax.device_put(restored.ema_params, sharding.replicated(exp.mesh)), restored.step
+    restored = restore_latest_in(workdir, state.abstract_train_state(exp))
+    if restored is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)}; run --mode=train first"
+        )
+    return restored.ema_params, int(restored.step)

@@ -47,8 +47,8 @@ NUM_AUGMENTATIONS = 8
 _DIGITS_NUM_TRAIN = 1500
 # Extra entropy word separating the augmentation stream from anything else seeded by `seed`.
 _AUGMENT_STREAM = 0xA6
-# grain's index shuffle accepts seeds in [0, 2**32).
-_MAX_SEED = 2**32
+# grain's index shuffle accepts seeds in [0, 2**32): the range of `seed` everywhere.
+MAX_SEED = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +382,7 @@ def train_iterator(
     augment: bool = False,
     data_dir: str | None = None,
     prefetch: int = 2,
-) -> Iterator[Batch]:
+) -> Prefetcher:
     """Endless training batches of this host, starting at ``start_step``.
 
     The global batch of step ``s`` is a pure function of ``(seed, s)``: epochs are
@@ -405,10 +405,10 @@ def train_iterator(
       prefetch: batches prepared ahead in a background thread; 0 reads synchronously.
 
     Returns:
-      An iterator of ``{"image": int32 [b, H, W, C], "label": int32 [b]}`` with
-      ``b = global_batch_size // process_count``. Call ``close()`` on it to stop the
-      background thread early (it also stops when the iterator is garbage-collected and at
-      interpreter exit).
+      A :class:`Prefetcher` of ``{"image": int32 [b, H, W, C], "label": int32 [b]}`` with
+      ``b = global_batch_size // process_count``. Close it (or use it in a ``with`` block) to
+      stop the background thread early (it also stops when the iterator is
+      garbage-collected and at interpreter exit).
 
     Raises:
       ValueError: on an unknown name, bad batching arguments, a seed out of range, a negative
@@ -416,7 +416,7 @@ def train_iterator(
         the batch holding it is read.
     """
     host_batch_size = _check_batching(name, global_batch_size, process_index, process_count)
-    if not 0 <= seed < _MAX_SEED:
+    if not 0 <= seed < MAX_SEED:
         raise ValueError(f"dataset {name!r}: seed must be in [0, 2**32), got {seed}")
     if start_step < 0:
         raise ValueError(f"dataset {name!r}: start_step must be >= 0, got {start_step}")
@@ -436,7 +436,7 @@ def train_iterator(
         host_batch_size=host_batch_size,
         augment=augment,
     )
-    return Prefetcher(batches, prefetch) if prefetch > 0 else batches
+    return Prefetcher(batches, prefetch)
 
 
 def num_eval_batches(info: DatasetInfo, global_batch_size: int) -> int:
@@ -478,7 +478,7 @@ def eval_batches(
     process_count: int = 1,
     data_dir: str | None = None,
     prefetch: int = 2,
-) -> Iterator[Batch]:
+) -> Prefetcher:
     """The whole eval split exactly once, in order, as this host's rows of global batches.
 
     Global batch ``k`` holds eval examples ``[k B, (k + 1) B)``; the last one is padded to B
@@ -494,7 +494,8 @@ def eval_batches(
       prefetch: batches prepared ahead in a background thread; 0 reads synchronously.
 
     Returns:
-      An iterator of ``{"image": int32 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``
+      A :class:`Prefetcher` of ``{"image": int32 [b, H, W, C], "label": int32 [b], "mask":
+      bool [b]}``
       with ``b = global_batch_size // process_count``; ``mask`` is False on padding rows.
 
     Raises:
@@ -510,7 +511,7 @@ def eval_batches(
         process_index=process_index,
         host_batch_size=host_batch_size,
     )
-    return Prefetcher(batches, prefetch) if prefetch > 0 else batches
+    return Prefetcher(batches, prefetch)
 
 
 # Queue item that marks the end of the wrapped iterator.
@@ -552,23 +553,29 @@ class Prefetcher(Iterator[Any]):
     """Runs an iterator in a daemon thread, ``size`` items ahead of the consumer.
 
     So that host-side data loading overlaps device compute. Exceptions of the wrapped
-    iterator are re-raised by ``__next__``. The thread stops on :meth:`close`, when this
-    object is garbage-collected, and at interpreter exit (a ``weakref.finalize`` hook), so
-    no thread is left hanging.
+    iterator are re-raised by ``__next__``. The thread stops on :meth:`close` (or leaving a
+    ``with`` block), when this object is garbage-collected, and at interpreter exit (a
+    ``weakref.finalize`` hook), so no thread is left hanging. ``size=0`` reads synchronously
+    in the consumer's thread, with the same interface.
     """
 
     def __init__(self, source: Iterator[Any], size: int = 2):
-        """Starts the thread.
+        """Starts the thread (none for ``size=0``).
 
         Args:
           source: the iterator to read ahead; only the background thread touches it.
-          size: the most items held ready, >= 1.
+          size: the most items held ready, >= 0.
         """
-        if size < 1:
-            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        if size < 0:
+            raise ValueError(f"prefetch size must be >= 0, got {size}")
+        self._done = False
+        if size == 0:
+            self._source: Iterator[Any] | None = source
+            self._finalizer = weakref.finalize(self, lambda: None)
+            return
+        self._source = None
         self._items: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=size)
         self._stop = threading.Event()
-        self._done = False
         thread = threading.Thread(
             target=_produce,
             args=(source, self._items, self._stop),
@@ -581,6 +588,8 @@ class Prefetcher(Iterator[Any]):
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
+        if self._source is not None:
+            return next(self._source)
         item, error = self._items.get()
         if item is _END:
             self.close()

@@ -545,14 +545,3 @@ def restore_reference(path: str) -> RestoredReference:
         step=int(np.asarray(state.get("step", 0))),
         arch=arch,
     )
-
-
-def restore_reference_for_eval(path: str) -> tuple[Params, Params]:
-    """``(params, ema_params)`` of a reference checkpoint, converted to our layout.
-
-    The model to evaluate them with is :func:`build_model` of
-    ``infer_architecture(...)``, i.e. the runner's model with :func:`model_overrides`
-    applied to ``config.model`` (use :func:`restore_reference` to get the architecture too).
-    """
-    restored = restore_reference(path)
-    return restored.params, restored.ema_params

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 
 from vdm_jax import diffusion, schedules
 
+# (key, z_t [B, ...], eps_hat [B, ...], gamma_t [], gamma_s []) -> z_s [B, ...].
 StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-SAMPLERS = ("ancestral", "ddim")
-DECODERS = ("argmax", "sample")
 
 
 def ancestral_step(
@@ -52,6 +51,26 @@ def ddim_step(
     )
 
 
+# Reverse-process steps by name (``sample.sampler``).
+SAMPLERS: dict[str, StepFn] = {"ancestral": ancestral_step, "ddim": ddim_step}
+
+
+def _decoder_mode(key: jax.Array, logits: jax.Array) -> jax.Array:
+    del key
+    return jnp.argmax(logits, axis=-1)
+
+
+def _decoder_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+# How z_0 becomes integers (``sample.decode``): (key, logits [B, ..., K]) -> [B, ...].
+DECODERS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "argmax": _decoder_mode,
+    "sample": _decoder_sample,
+}
+
+
 def sample_latent(
     key: jax.Array,
     gamma_fn: schedules.GammaFn,
@@ -69,13 +88,13 @@ def sample_latent(
       eps_fn: noise predictor ``(z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...]``.
       shape: ``(B, ...)`` of the samples.
       num_steps: T, steps on the grid ``i / T`` (for a discrete-time model, its own T).
-      sampler: ``"ancestral"`` or ``"ddim"``.
+      sampler: a key of :data:`SAMPLERS`.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {SAMPLERS}")
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(SAMPLERS)}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    step = ancestral_step if sampler == "ancestral" else ddim_step
+    step = SAMPLERS[sampler]
     key_init, key_steps = jax.random.split(key)
 
     def body(i: jax.Array, z: jax.Array) -> jax.Array:
@@ -95,13 +114,11 @@ def sample_latent(
 def decode(
     key: jax.Array, z_0: jax.Array, gamma_0: jax.Array, vocab_size: int, method: str = "argmax"
 ) -> jax.Array:
-    """z_0 [B, ...] -> integers [B, ...] in {0..K-1}: the decoder's mode or a sample from it."""
+    """z_0 [B, ...] -> integers [B, ...] in {0..K-1} by a :data:`DECODERS` entry."""
     if method not in DECODERS:
-        raise ValueError(f"unknown decoding {method!r}; allowed: {DECODERS}")
+        raise ValueError(f"unknown decoding {method!r}; allowed: {sorted(DECODERS)}")
     logits = diffusion.decoder_logits(z_0, gamma_0, vocab_size)
-    if method == "argmax":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return DECODERS[method](key, logits).astype(jnp.int32)
 
 
 def sample(

@@ -20,6 +20,7 @@ accurate in float32 far outside the paper's range [-13.3, 5].
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -213,16 +214,39 @@ class ReferenceNetSchedule(nn.Module):
         return h[..., 0]
 
 
-SCHEDULES: dict[str, type[nn.Module]] = {
-    "fixed_linear": FixedLinearSchedule,
-    "learned_linear": LearnedLinearSchedule,
-    "monotone_net": MonotoneNetSchedule,
-    "reference_net": ReferenceNetSchedule,
+@dataclasses.dataclass(frozen=True)
+class ScheduleKind:
+    """A registered schedule and the properties the runner and config checks read.
+
+    Attributes:
+      module: the Flax module, built with ``gamma_min``, ``gamma_max`` (and ``width``).
+      takes_width: the module has a hidden ``width``.
+      splits_endpoints: its parameters are :data:`ENDPOINT_PARAMS` and interior ones (or it
+        has none), so the interior can be trained on the variance of the loss
+        (``schedule_grad="variance"``).
+    """
+
+    module: type[nn.Module]
+    takes_width: bool
+    splits_endpoints: bool
+
+    def build(self, gamma_min: float, gamma_max: float, width: int) -> nn.Module:
+        """The module, with ``width`` only where the schedule takes one."""
+        if self.takes_width:
+            return self.module(gamma_min=gamma_min, gamma_max=gamma_max, width=width)
+        return self.module(gamma_min=gamma_min, gamma_max=gamma_max)
+
+
+SCHEDULES: dict[str, ScheduleKind] = {
+    "fixed_linear": ScheduleKind(FixedLinearSchedule, takes_width=False, splits_endpoints=True),
+    "learned_linear": ScheduleKind(LearnedLinearSchedule, takes_width=False, splits_endpoints=True),
+    "monotone_net": ScheduleKind(MonotoneNetSchedule, takes_width=True, splits_endpoints=True),
+    "reference_net": ScheduleKind(ReferenceNetSchedule, takes_width=True, splits_endpoints=False),
 }
 
 
 def make_schedule(name: str, **kwargs) -> nn.Module:
-    """Builds a schedule by name: one of :data:`SCHEDULES`."""
+    """Builds a schedule by name: one of :data:`SCHEDULES`, with its module's fields."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(SCHEDULES)}")
-    return SCHEDULES[name](**kwargs)
+    return SCHEDULES[name].module(**kwargs)

@@ -3,7 +3,7 @@
 ``train_step(state, batch) -> (state, metrics)`` is pure; :func:`make_train_step` jits it
 over the mesh with the batch sharded, the state replicated and donated.
 :func:`train_and_evaluate` runs it from the latest checkpoint of the workdir (or from
-scratch) to ``config.training.num_steps``. Nothing is scanned in chunks: every step returns
+scratch) to ``training.num_steps``. Nothing is scanned in chunks: every step returns
 to the host, so logging, evaluation and checkpoints can happen at any step.
 """
 
@@ -14,22 +14,32 @@ import functools
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
-from vdm_jax import checkpoint, data, evaluate, metrics, model, sharding, state
-from vdm_jax.state import TrainState, create_model, create_train_state  # noqa: F401 (API)
+from vdm_jax import (
+    checkpoint,
+    data,
+    eval_methods,
+    evaluate,
+    metrics,
+    model,
+    outputs,
+    sampling,
+    sharding,
+    state,
+)
+from vdm_jax.experiment import Experiment
+from vdm_jax.state import TrainState
 
 Metrics = dict[str, jax.Array]
 # What the training loop logs under ``train/`` (window means of the step metrics, then
@@ -65,7 +75,7 @@ def train_step(
       train_state: the state before the step.
       batch: ``{"image": int32 [B, H, W, C], "label": int32 [B] (if conditioned)}``.
       vdm: the model.
-      optimizer: the optax transformation of ``state.create_optimizer``.
+      optimizer: the optax transformation of :func:`vdm_jax.state.create_optimizer`.
       learning_rate: its learning-rate schedule (for logging).
       loss_cfg: the objective's configuration.
       ema_rate: the EMA decay.
@@ -100,7 +110,7 @@ def train_step(
 
     step_metrics = {
         "bpd": loss,
-        **{name: jnp.mean(terms[k]) for k, name in evaluate.TERM_NAMES.items()},
+        **{name: jnp.mean(terms[k]) for k, name in eval_methods.TERM_NAMES.items()},
         "grad_norm": grad_norm,
         "gamma_0": gamma(jnp.zeros(())),
         "gamma_1": gamma(jnp.ones(())),
@@ -110,22 +120,20 @@ def train_step(
     return new_state, step_metrics
 
 
-def make_train_step(
-    config: ml_collections.ConfigDict, info: data.DatasetInfo, vdm: model.VDM, mesh: Mesh
-) -> TrainStepFn:
-    """:func:`train_step` jitted over ``mesh``: batch sharded, state replicated and donated."""
+def make_train_step(exp: Experiment) -> TrainStepFn:
+    """:func:`train_step` jitted over the mesh: batch sharded, state replicated and donated."""
     step = functools.partial(
         train_step,
-        vdm=vdm,
-        optimizer=state.create_optimizer(config),
-        learning_rate=state.learning_rate_schedule(config),
-        loss_cfg=state.loss_config(config, info),
-        ema_rate=config.optimizer.ema_rate,
+        vdm=exp.vdm,
+        optimizer=state.create_optimizer(exp.optimizer),
+        learning_rate=state.learning_rate_schedule(exp.optimizer),
+        loss_cfg=exp.loss,
+        ema_rate=exp.optimizer.ema_rate,
     )
-    replicated = sharding.replicated(mesh)
+    replicated = sharding.replicated(exp.mesh)
     return jax.jit(
         step,
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        in_shardings=(replicated, sharding.batch_sharding(exp.mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -183,12 +191,12 @@ def _window_scalars(window: list[Metrics], seconds: float, batch_size: int) -> d
     return scalars
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    devices: Sequence[jax.Device] | None = None,
-) -> TrainState:
+def train_inputs(exp: Experiment, batch: data.Batch) -> dict[str, jax.Array]:
+    """This host's rows of a training batch -> the model's global batch over the mesh."""
+    return sharding.global_batch(exp.conditioning.model_batch(batch, train=True), exp.mesh)
+
+
+def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     """Trains from the latest checkpoint in ``workdir`` (or from scratch) to the last step.
 
     Logs every ``training.log_every`` steps and at the end, evaluates (EMA parameters, whole
@@ -198,38 +206,33 @@ def train_and_evaluate(
     without saving, so the last good checkpoint stays the latest.
 
     Args:
-      config: the experiment config (validated before any work).
+      exp: the experiment (:func:`vdm_jax.experiment.build`).
       workdir: holds checkpoints, TensorBoard events, eval JSON files and samples.
-      devices: the mesh's devices (default: all devices of all hosts).
 
     Returns:
       The final (or preempted) state.
     """
-    mesh, info = state.setup(config, devices)
-    t = config.training
-    vdm = state.create_model(config, info)
-    optimizer = state.create_optimizer(config)
+    t = exp.training
     manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
-    abstract = state.abstract_train_state(config, info, vdm, optimizer, mesh)
-    train_state = checkpoint.restore_latest(manager, abstract)
+    train_state = checkpoint.restore_latest(manager, state.abstract_train_state(exp))
     if train_state is None:
-        train_state = state.create_train_state(config, info, vdm, optimizer, mesh)
+        train_state = state.create_train_state(exp)
     step = int(train_state.step)
     logging.info("Starting at step %d of %d.", step, t.num_steps)
 
-    p_train_step = make_train_step(config, info, vdm, mesh)
-    eval_step = evaluate.make_eval_step(config, info, vdm, mesh)
-    sample_fn = evaluate.make_sample_fn(config, info, vdm, mesh)
+    p_train_step = make_train_step(exp)
+    evaluator = evaluate.Evaluator(exp)
+    sample_fn = sampling.make_sample_fn(exp)
     writer = metrics.MetricWriter(workdir)
     batches = data.train_iterator(
-        info.name,
+        exp.info.name,
         global_batch_size=t.batch_size,
-        seed=config.seed,
+        seed=exp.seed,
         start_step=step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        augment=config.data.augment,
-        data_dir=config.data.data_dir,
+        augment=exp.data.augment,
+        data_dir=exp.data.data_dir,
     )
     bar = tqdm.tqdm(
         total=t.num_steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True
@@ -241,7 +244,7 @@ def train_and_evaluate(
     try:
         with preemption_flag() as flag:
             while step < t.num_steps:
-                batch = model_inputs(next(batches), config, mesh)
+                batch = train_inputs(exp, next(batches))
                 train_state, step_metrics = p_train_step(train_state, batch)
                 step += 1
                 # Check the previous step, not this one: the device stays one step ahead.
@@ -268,33 +271,22 @@ def train_and_evaluate(
                     logging.warning("Preempted at step %d; checkpoint saved.", step)
                     break
                 if step % t.eval_every == 0:
-                    results = evaluate.evaluate(
-                        config, info, vdm, train_state.ema_params, mesh, eval_step
-                    )
-                    writer.write_scalars(step, evaluate.eval_scalars(results))
+                    result = evaluator(train_state.ema_params)
+                    writer.write_scalars(step, result.scalars())
                     if jax.process_index() == 0:
-                        evaluate.write_eval_json(results, workdir, step, config)
+                        record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)
+                        outputs.write_eval_json(record, workdir, step)
                 if step % t.sample_every == 0:
-                    samples = evaluate.sample(config, train_state.ema_params, sample_fn)
-                    grid = evaluate.image_grid(samples, info.vocab_size)
-                    writer.write_images(step, {"samples": grid})
+                    samples = sampling.draw(exp, train_state.ema_params, sample_fn)
+                    vocab_size = exp.info.vocab_size
+                    writer.write_images(step, {"samples": outputs.image_grid(samples, vocab_size)})
                     if jax.process_index() == 0:
-                        evaluate.write_samples(samples, info.vocab_size, workdir, step)
+                        outputs.write_samples(samples, vocab_size, workdir, step)
                 paused += time.perf_counter() - pause_start
     finally:
         bar.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()
-        if isinstance(batches, data.Prefetcher):
-            batches.close()
+        batches.close()
     return train_state
-
-
-def model_inputs(
-    batch: dict[str, np.ndarray], config: ml_collections.ConfigDict, mesh: Mesh
-) -> dict[str, jax.Array]:
-    """This host's rows of a training batch -> the model's global batch over ``mesh``."""
-    return sharding.global_batch(
-        evaluate.model_batch(batch, config.model.conditioning, train=True), mesh
-    )

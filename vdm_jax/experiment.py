@@ -1,0 +1,130 @@
+"""One typed experiment, built once from a validated config: what train, eval, sample and
+the benchmark take.
+
+:func:`build` checks the config (:mod:`vdm_jax.config_validation`), turns each section into a
+frozen dataclass whose fields are the section's keys (``OptimizerSpec(**config.optimizer)``,
+as big_vision passes ``config.model`` to its model), and assembles the parts a run needs:
+the dataset's facts, the device mesh, the VDM, the objective and the conditioning. Nothing
+below an :class:`Experiment` reads a ``ConfigDict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from vdm_jax import conditioning, config_validation, data, model, reference, sharding, specs
+from vdm_jax.specs import DataSpec, EvalSpec, ModelSpec, OptimizerSpec, SampleSpec, TrainingSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a run is made of, typed and built once.
+
+    Attributes:
+      seed: one seed for initialisation, training, data order, eval and sampling.
+      data: the data section.
+      info: the dataset's facts (shape, K, classes, split sizes).
+      mesh: the device mesh (one ``"data"`` axis over every device of every host).
+      model: the model section, as given (the VDM is :attr:`vdm`).
+      vdm: the schedule and score network.
+      loss: what the objective needs (vocabulary, timesteps, time sampling, schedule grads).
+      conditioning: the :data:`vdm_jax.conditioning.CONDITIONINGS` entry.
+      optimizer: the optimizer section.
+      training: the training section.
+      eval: the eval section.
+      sample: the sample section.
+    """
+
+    seed: int
+    data: DataSpec
+    info: data.DatasetInfo
+    mesh: Mesh
+    model: ModelSpec
+    vdm: model.VDM
+    loss: model.LossConfig
+    conditioning: conditioning.Conditioning
+    optimizer: OptimizerSpec
+    training: TrainingSpec
+    eval: EvalSpec
+    sample: SampleSpec
+
+    @property
+    def num_classes(self) -> int:
+        """Labels the score network embeds (0: unconditional)."""
+        return self.conditioning.num_classes(self.info)
+
+    def replace(self, **changes: Any) -> Experiment:
+        """A copy with some sections replaced (e.g. another ``training`` for a benchmark)."""
+        return dataclasses.replace(self, **changes)
+
+
+def with_reference_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose model is that of ``config.eval.reference_checkpoint``.
+
+    Reads the released google-research/vdm checkpoint's parameter shapes
+    (:func:`vdm_jax.reference.model_overrides`); ``config`` itself is not changed. Without a
+    reference checkpoint, returns ``config``.
+    """
+    path = config.eval.reference_checkpoint
+    if not path:
+        return config
+    arch = reference.restore_reference(path).arch
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.model.update(reference.model_overrides(arch))
+    return out
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    info: data.DatasetInfo | None = None,
+) -> Experiment:
+    """Validates ``config`` and builds its :class:`Experiment`.
+
+    Args:
+      config: an experiment config (``configs/base.py`` lists the fields). With
+        ``eval.reference_checkpoint`` set, the model is the checkpoint's
+        (:func:`with_reference_architecture`).
+      devices: the mesh's devices (default: every device of every host).
+      info: the dataset's facts, if already known (default: opened from ``config.data``;
+        the benchmark passes the registered facts to avoid reading any data).
+
+    Raises:
+      config_validation.ConfigError: naming every invalid field, before any work.
+    """
+    config = with_reference_architecture(config)
+    mesh = sharding.make_mesh(devices)
+    if info is None:
+        info = data.get_info(config.data.name, config.data.data_dir)
+    config_validation.validate(
+        config, num_devices=mesh.size, process_count=jax.process_count(), info=info
+    )
+    model_spec = specs.from_section(ModelSpec, config.model)
+    cond = conditioning.CONDITIONINGS[model_spec.conditioning]
+    return Experiment(
+        seed=config.seed,
+        data=specs.from_section(DataSpec, config.data),
+        info=info,
+        mesh=mesh,
+        model=model_spec,
+        vdm=model_spec.build(cond.num_classes(info)),
+        loss=model.LossConfig(
+            vocab_size=info.vocab_size,
+            timesteps=model_spec.timesteps,
+            antithetic_time=model_spec.antithetic_time,
+            schedule_grad=model_spec.schedule_grad,
+        ),
+        conditioning=cond,
+        optimizer=specs.from_section(OptimizerSpec, config.optimizer),
+        training=specs.from_section(TrainingSpec, config.training),
+        eval=specs.from_section(EvalSpec, config.eval),
+        sample=specs.from_section(SampleSpec, config.sample),
+    )

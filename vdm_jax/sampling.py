@@ -1,0 +1,76 @@
+"""Drawing samples from an experiment's model: during training and as ``--mode=sample``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from vdm_jax import checkpoint, model, outputs, samplers, sharding
+from vdm_jax.experiment import Experiment
+
+Params = Any
+# ``fold_in`` constant that separates the sampling randomness from training's and eval's.
+SAMPLE_STREAM = 2
+
+
+def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
+    """The jitted sampler ``(params, key) -> int32 [sample.batch_size, H, W, C]``.
+
+    ``sample.sampler`` (:data:`vdm_jax.samplers.SAMPLERS`) for ``sample.num_steps`` steps,
+    then ``sample.decode``. The batch of latents is sharded over the mesh; the integer samples
+    come back replicated. Labels are the conditioning's ``sample_labels``.
+    """
+    spec, batch_size = exp.sample, exp.sample.batch_size
+    batch_spec = sharding.batch_sharding(exp.mesh)
+
+    def sample_fn(params: Params, key: jax.Array) -> jax.Array:
+        label = None
+        if exp.conditioning.conditional:
+            label = exp.conditioning.sample_labels(batch_size, exp.num_classes)
+        gamma_fn, model_eps_fn = model.inference_fns(exp.vdm, params, label)
+
+        def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+            return model_eps_fn(jax.lax.with_sharding_constraint(z, batch_spec), gamma_t)
+
+        return samplers.sample(
+            key,
+            gamma_fn,
+            eps_fn,
+            (batch_size, *exp.info.shape),
+            vocab_size=exp.info.vocab_size,
+            num_steps=spec.num_steps,
+            sampler=spec.sampler,
+            decode_method=spec.decode,
+        )
+
+    replicated = sharding.replicated(exp.mesh)
+    return jax.jit(sample_fn, in_shardings=(replicated, replicated), out_shardings=replicated)
+
+
+def draw(
+    exp: Experiment, params: Params, sample_fn: Callable[[Params, jax.Array], jax.Array]
+) -> np.ndarray:
+    """``sample.num_samples`` integer samples [N, H, W, C], deterministic for the seed."""
+    base_key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), SAMPLE_STREAM)
+    num_batches = -(-exp.sample.num_samples // exp.sample.batch_size)
+    batches = [sample_fn(params, jax.random.fold_in(base_key, k)) for k in range(num_batches)]
+    return np.concatenate([np.asarray(b) for b in batches])[: exp.sample.num_samples]
+
+
+def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
+    """``--mode=sample``: ``sample.num_samples`` samples from the latest checkpoint.
+
+    Writes ``{workdir}/samples/step_{step}.png`` and ``.npz`` (process 0).
+
+    Returns:
+      The samples, int32 [N, H, W, C].
+    """
+    params, step = checkpoint.restore_eval_params(exp, workdir)
+    samples = draw(exp, params, make_sample_fn(exp))
+    if jax.process_index() == 0:
+        path = outputs.write_samples(samples, exp.info.vocab_size, workdir, step)
+        print(f"Wrote {len(samples)} samples of step {step} to {path} and .npz")
+    return samples

@@ -1,0 +1,152 @@
+"""The sections of an experiment config as typed, frozen records.
+
+Each dataclass's fields are exactly the keys of its config section (``configs/base.py``
+documents them), so ``OptimizerSpec(**config.optimizer)`` is the whole conversion, as
+big_vision passes ``config.model`` to its model. :func:`vdm_jax.experiment.build` makes them
+once, after the config checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax.numpy as jnp
+
+from vdm_jax import model, schedules, unet
+
+# Compute dtypes by name (``model.dtype``); parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """``config.data``: which dataset, where, and whether to augment (see ``configs/base.py``)."""
+
+    name: str
+    vocab_size: int
+    data_dir: str | None
+    augment: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """``config.model``: the schedule, the objective and the score U-Net."""
+
+    schedule: str
+    schedule_width: int
+    gamma_min: float
+    gamma_max: float
+    schedule_grad: str
+    timesteps: int
+    antithetic_time: bool
+    conditioning: str
+    num_blocks: int
+    channels: int
+    dropout_rate: float
+    attention: str
+    fourier_features: bool
+    fourier_min_exp: int
+    fourier_max_exp: int
+    num_groups: int
+    dtype: str
+    remat: bool
+    label_input: str
+    min_group_size: int
+    add_z_to_eps: bool
+
+    def build(self, num_classes: int) -> model.VDM:
+        """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""
+        schedule = schedules.SCHEDULES[self.schedule].build(
+            self.gamma_min, self.gamma_max, self.schedule_width
+        )
+        score_net = unet.ScoreUNet(
+            num_blocks=self.num_blocks,
+            channels=self.channels,
+            dropout_rate=self.dropout_rate,
+            attention=self.attention,
+            fourier_features=self.fourier_features,
+            fourier_min_exp=self.fourier_min_exp,
+            fourier_max_exp=self.fourier_max_exp,
+            gamma_min=self.gamma_min,
+            gamma_max=self.gamma_max,
+            num_classes=num_classes,
+            num_groups=self.num_groups,
+            dtype=DTYPES[self.dtype],
+            remat=self.remat,
+            label_input=self.label_input,
+            min_group_size=self.min_group_size,
+            add_z_to_eps=self.add_z_to_eps,
+        )
+        return model.VDM(schedule, score_net)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """``config.optimizer``: AdamW with linear warmup, global-norm clipping (0: none), EMA."""
+
+    learning_rate: float
+    warmup_steps: int
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
+    ema_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """``config.training``: global batch, length, and intervals (in steps) of each action."""
+
+    batch_size: int
+    num_steps: int
+    log_every: int
+    eval_every: int
+    sample_every: int
+    checkpoint_every: int
+    max_to_keep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """``config.eval``: the estimator (a :data:`vdm_jax.eval_methods.EVAL_METHODS` key) and
+    its settings; ``reference_checkpoint`` evaluates a released reference checkpoint."""
+
+    method: str
+    batch_size: int
+    num_time_samples: int
+    ode_rtol: float
+    ode_atol: float
+    ode_divergence: str
+    ode_dequant_samples: int
+    ode_dequantization: str
+    reference_checkpoint: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """``config.sample``: how many samples, in which batches, and the sampler's settings."""
+
+    num_samples: int
+    batch_size: int
+    num_steps: int
+    sampler: str
+    decode: str
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataSpec,
+    "model": ModelSpec,
+    "optimizer": OptimizerSpec,
+    "training": TrainingSpec,
+    "eval": EvalSpec,
+    "sample": SampleSpec,
+}
+_Spec = TypeVar("_Spec")
+
+
+def from_section(cls: type[_Spec], section: Mapping[str, Any]) -> _Spec:
+    """The record ``cls`` of a config section (whose keys the config checks matched)."""
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
