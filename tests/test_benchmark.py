@@ -17,8 +17,8 @@ import pytest
 from runner_helpers import tiny_config  # noqa: F401 (sets up the shared compilation cache)
 
 from configs import test as test_config
-from experiments import benchmark
-from vdm_jax import flops, sharding, state, unet
+from experiments.benchmark import memory, options, parts, report, sweep
+from vdm_jax import experiment, flops, state, unet
 
 PART_KEYS = {"part", "batch_size", "num_devices", "compile_s", "step_s", "images_per_s",
              "flops", "flops_per_s", "memory", "device_kind", "platform"}  # fmt: skip
@@ -74,10 +74,10 @@ def _check_record(rec):
 
 def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     config = test_config.get_config()
-    options = benchmark.make_options(steps=2, warmup=1, batch_sizes=[8], device_counts=[2])
-    report = benchmark.run(config, options)  # In-process: the first 2 of 8 simulated devices.
+    opts = options.make_options(steps=2, warmup=1, batch_sizes=[8], device_counts=[2])
+    result = sweep.run(config, opts)  # In-process: the first 2 of 8 simulated devices.
     path = tmp_path / "bench.json"
-    benchmark.write_json(report, str(path))
+    report.write_json(result, str(path))
     loaded = json.loads(path.read_text())
 
     env = loaded["environment"]
@@ -86,11 +86,11 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     assert loaded["options"]["steps"] == 2
     assert loaded["config"]["model"]["channels"] == config.model.channels
     records = {r["part"]: r for r in loaded["results"]}
-    assert set(records) == set(benchmark.PARTS), loaded["results"]
+    assert set(records) == set(parts.PARTS), loaded["results"]
     for rec in records.values():
         _check_record(rec)
         assert rec["batch_size"] == 8 and rec["num_devices"] == 2
-    net = state.create_model(config, benchmark.dataset_info(config)).score_net
+    net = experiment.build(config, info=sweep.dataset_info(config)).vdm.score_net
     forward = flops.unet_forward_flops(net, 8, (8, 8, 1))
     assert records["train"]["flops"]["analytic"] == pytest.approx(3 * forward)
     assert records["eval"]["flops"]["analytic"] == config.eval.num_time_samples * forward
@@ -108,16 +108,16 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
         assert ratio == pytest.approx(float(np.median(per_round))) and ratio > 0
         q25, q75 = rec["ratio_vs_conv_stack_quartiles"]["analytic"]
         assert q25 <= ratio <= q75
-    table = benchmark.format_table(loaded)
+    table = report.format_table(loaded)
     assert "conv_stack" in table and "train" in table
 
 
 def test_memory_only_compiles_without_running():
     # The training step of the test above, on abstract inputs: a compilation-cache hit.
     config = test_config.get_config()
-    options = benchmark.make_options(batch_sizes=[8], memory_only=True, device_counts=[2])
-    report = benchmark.run(config, options)
-    (rec,) = report["results"]
+    opts = options.make_options(batch_sizes=[8], memory_only=True, device_counts=[2])
+    result = sweep.run(config, opts)
+    (rec,) = result["results"]
     assert rec["memory_only"] and "step_s" not in rec
     assert rec["memory"]["memory_analysis_per_device"]["temp_bytes"] > 0
     assert rec["flops"]["analytic"] > 0 and rec["num_params"] > 0
@@ -126,23 +126,21 @@ def test_memory_only_compiles_without_running():
     assert 4 * 4 * rec["num_params"] <= est["train_state_bytes"] <= 4 * 4 * rec["num_params"] + 64
     assert est["gradient_bytes"] == 4 * rec["num_params"]
     assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
-    json.dumps(report)  # JSON-able as is.
+    json.dumps(result)  # JSON-able as is.
 
 
 def test_saved_activations_are_linear_in_the_batch_and_shrink_with_remat_and_bfloat16():
     """Measured on the test config: per image, remat keeps 0.30x and bfloat16 0.62x of the
     float32 activations (both: 0.22x)."""
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    devices = jax.devices()[:1]
 
     def saved(batch_size, **model_overrides):
         config = test_config.get_config()
         config.model.update(model_overrides)
-        info = benchmark.dataset_info(config)
-        vdm = state.create_model(config, info)
-        optimizer = state.create_optimizer(config)
-        params = state.abstract_train_state(config, info, vdm, optimizer, mesh).params
-        batch = benchmark.abstract_batch(config, info, mesh, batch_size)
-        return benchmark.saved_activation_bytes(config, info, vdm, params, batch)
+        exp = experiment.build(config, devices, info=sweep.dataset_info(config))
+        params = state.abstract_train_state(exp).params
+        batch = parts.abstract_batch(exp, batch_size)
+        return memory.saved_activation_bytes(exp, params, batch)
 
     per_image = {}
     for name, overrides in (
@@ -160,17 +158,17 @@ def test_saved_activations_are_linear_in_the_batch_and_shrink_with_remat_and_bfl
 def test_child_command_line_replaces_the_sweep_flags():
     argv = ["benchmark.py", "--config=configs/test.py", "--json", "out.json",
             "--device_counts=1,2", "--config.model.channels=8", "--steps=3"]  # fmt: skip
-    child = benchmark._child_argv(argv, 4, "/tmp/x.json")
+    child = sweep._child_argv(argv, 4, "/tmp/x.json")
     assert child[-3:] == ["--device_counts=4", "--json=/tmp/x.json", "--device_count_mode=submesh"]
     assert "--config.model.channels=8" in child and "--steps=3" in child
     assert "out.json" not in child and "--device_counts=1,2" not in child
-    env = benchmark._child_env(4)
+    env = sweep._child_env(4)
     assert env["XLA_FLAGS"].count("--xla_force_host_platform_device_count") == 1
     assert env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
 
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown parts"):
-        benchmark.make_options(parts=["train", "nope"])
+        options.make_options(parts=["train", "nope"])
     with pytest.raises(ValueError, match="unknown benchmark options"):
-        benchmark.make_options(step=3)
+        options.make_options(step=3)
