@@ -154,6 +154,19 @@ def per_image_elbo(
     """:func:`vdm_jax.elbo_estimators.elbo_eval`: stratified times per image in two
     replicates, under the proposal ``prepared`` (None: uniform), with each image's Monte
     Carlo error."""
+    return _elbo_eval(gamma_fn, eps_fn, x, key, prepared, loss, settings, "stratified")
+
+
+def _elbo_eval(
+    gamma_fn: schedules.GammaFn,
+    eps_fn: diffusion.EpsFn,
+    x: jax.Array,
+    key: jax.Array,
+    proposal: elbo_estimators.TimeProposal | None,
+    loss: LossConfig,
+    settings: EvalSpec,
+    time_points: str,
+) -> Estimate:
     est = elbo_estimators.elbo_eval(
         key,
         x,
@@ -161,8 +174,8 @@ def per_image_elbo(
         eps_fn,
         vocab_size=loss.vocab_size,
         num_time_samples=settings.num_time_samples,
-        time_points="stratified",
-        proposal=prepared,
+        time_points=time_points,
+        proposal=proposal,
     )
     num_dims = math.prod(x.shape[1:])
     terms = {"bpd": est.total, "bpd_prior": est.prior, "bpd_recon": est.recon}
