@@ -94,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
     # A vdm_jax.eval_methods.EVAL_METHODS entry. "elbo": the negative ELBO (an upper bound on
     # -log P(x)) with the training estimator (times (u + i/B) mod 1 over the batch);
     # "elbo_stratified": the same bound with stratified times per image in 2 independent
-    # replicates, giving a Monte Carlo standard error; "elbo_importance": as stratified, under
+    # replicates, giving a Monte Carlo standard error; "elbo_shifted": the same with a randomly
+    # shifted even grid of times; "elbo_importance": as stratified, under
     # a proposal q(t) fitted on a pilot batch; "ode": the probability-flow ODE likelihood,
     # dequantized. All but "elbo" need a continuous-time model.
     config.eval.method = "elbo"

@@ -8,10 +8,19 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from gaussian import exact_eps_fn
 from runner_helpers import eval_run, tiny_config
 from test_reference import _layout, _random_tree, _write_clu_checkpoint
 
-from vdm_jax import config_validation, evaluate, experiment, reference, state
+from vdm_jax import (
+    config_validation,
+    diffusion,
+    eval_methods,
+    evaluate,
+    experiment,
+    reference,
+    state,
+)
 
 
 def _perturbed_state(config):
@@ -130,3 +139,40 @@ def test_reference_checkpoint_eval_uses_its_ema_parameters(tmp_path):
             assert np.isclose(r.bpd, record["bpd"], rtol=1e-6) == expect_equal
     with open(os.path.join(workdir, "eval_step_1234.json")) as f:
         assert json.load(f)["bpd"] == record["bpd"]
+
+
+def test_shifted_grid_elbo_is_unbiased_and_reports_its_monte_carlo_error():
+    """Against the training estimator averaged over many keys (an independent code path):
+    same mean over images; its per-image error matches the spread between two keys."""
+    exp = experiment.build(
+        tiny_config(**{"eval.method": "elbo_shifted", "eval.num_time_samples": 8}),
+        jax.devices()[:1],
+    )
+    x = jax.random.randint(jax.random.key(0), (256, 2, 2, 1), 0, exp.info.vocab_size)
+    eps_fn = exact_eps_fn(0.0, 0.6)  # Any denoiser: both estimate the same ELBO.
+
+    def gamma_fn(t):
+        return -13.3 + 18.3 * t
+
+    @jax.jit
+    def shifted(key):
+        method = eval_methods.EVAL_METHODS["elbo_shifted"]
+        return method.estimate(gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval)
+
+    @jax.jit
+    def training_estimator(key):
+        terms = jax.vmap(
+            lambda k: diffusion.vdm_terms(x, k, gamma_fn, eps_fn, vocab_size=exp.info.vocab_size)
+        )(jax.random.split(key, 64))
+        return diffusion.bits_per_dim(sum(terms.values()), 4)  # [64, N]
+
+    a, b = shifted(jax.random.key(1)), shifted(jax.random.key(2))
+    bpd = np.asarray(a.terms["bpd"], np.float64)
+    terms = sum(np.asarray(a.terms[k], np.float64) for k in ("bpd_prior", "bpd_recon", "bpd_diff"))
+    np.testing.assert_allclose(bpd, terms, rtol=1e-5)
+    ref = np.asarray(training_estimator(jax.random.key(3)), np.float64)
+    ref_se = ref.mean(axis=1).std(ddof=1) / np.sqrt(ref.shape[0])
+    mc_se = np.sqrt(np.sum(np.asarray(a.mc_stderr, np.float64) ** 2)) / bpd.size
+    assert abs(bpd.mean() - ref.mean()) < 4 * np.hypot(mc_se, ref_se)
+    mc_var = np.mean((bpd - np.asarray(b.terms["bpd"], np.float64)) ** 2) / 2
+    assert np.mean(np.asarray(a.mc_stderr, np.float64) ** 2) == pytest.approx(mc_var, rel=0.3)
