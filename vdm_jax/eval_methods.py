@@ -283,6 +283,19 @@ def _adaptive(settings: EvalSpec) -> None:
     del settings
 
 
+def _per_image_elbo_method(estimate: Estimator, prepare: Prepare | None = None) -> EvalMethod:
+    """An ELBO estimator with K times per image in two replicates (K even)."""
+    return EvalMethod(
+        estimate=estimate,
+        term_names=_elbo_terms,
+        continuous_only=True,
+        network_evals_per_image=_time_samples,
+        settings=_time_sample_settings,
+        check=_even_time_samples,
+        prepare=prepare,
+    )
+
+
 EVAL_METHODS: dict[str, EvalMethod] = {
     # The negative ELBO with the training estimator (antithetic times over the batch).
     "elbo": EvalMethod(
@@ -293,33 +306,11 @@ EVAL_METHODS: dict[str, EvalMethod] = {
         settings=_time_sample_settings,
     ),
     # The same bound, stratified times per image in two replicates: a Monte Carlo error.
-    "elbo_stratified": EvalMethod(
-        estimate=per_image_elbo,
-        term_names=_elbo_terms,
-        continuous_only=True,
-        network_evals_per_image=_time_samples,
-        settings=_time_sample_settings,
-        check=_even_time_samples,
-    ),
+    "elbo_stratified": _per_image_elbo_method(per_image_elbo),
     # The same bound, a randomly shifted even grid of times per image in two replicates.
-    "elbo_shifted": EvalMethod(
-        estimate=shifted_grid_elbo,
-        term_names=_elbo_terms,
-        continuous_only=True,
-        network_evals_per_image=_time_samples,
-        settings=_time_sample_settings,
-        check=_even_time_samples,
-    ),
+    "elbo_shifted": _per_image_elbo_method(shifted_grid_elbo),
     # As "elbo_stratified", with t from q(t) fitted on a pilot batch.
-    "elbo_importance": EvalMethod(
-        estimate=per_image_elbo,
-        term_names=_elbo_terms,
-        continuous_only=True,
-        network_evals_per_image=_time_samples,
-        settings=_time_sample_settings,
-        check=_even_time_samples,
-        prepare=fit_time_proposal,
-    ),
+    "elbo_importance": _per_image_elbo_method(per_image_elbo, prepare=fit_time_proposal),
     # The probability-flow ODE's dequantized bound.
     "ode": EvalMethod(
         estimate=probability_flow,

@@ -104,6 +104,12 @@ class Evaluator:
             estimate = self.method.estimate(
                 gamma_fn, eps_fn, batch["image"], key, prepared, **settings
             )
+            declared = self.method.term_names(exp.eval)
+            if set(estimate.terms) != set(declared):  # Checked once, when tracing.
+                raise ValueError(
+                    f"eval method {exp.eval.method!r} returned terms {tuple(estimate.terms)}, "
+                    f"but its registry entry declares {declared}"
+                )
             return estimate, mask
 
         self.step = jax.jit(
