@@ -55,7 +55,7 @@ def test_ddim_step_keeps_x_hat_and_eps_hat():
     np.testing.assert_allclose(z_s, alpha_s * x_hat + sigma_s * np.asarray(eps_hat), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))  # Every registered sampler.
 def test_samples_from_the_exact_denoiser_match_the_data_moments(sampler):
     """z_0 ~ N(alpha_0 mu, alpha_0^2 s^2 + sigma_0^2) when the denoiser is exact.
 

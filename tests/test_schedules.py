@@ -91,3 +91,27 @@ def test_fixed_linear_has_no_parameters_and_bad_settings_raise():
         schedules.FixedLinearSchedule(gamma_min=1.0, gamma_max=-1.0)
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         schedules.make_schedule("cosine")
+
+
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+def test_every_registered_schedule_keeps_its_declared_properties(name):
+    """Non-decreasing for random parameters; ``splits_endpoints``: the interior parameters
+    leave gamma(0) and gamma(1) exactly where the endpoint parameters put them."""
+    kind = schedules.SCHEDULES[name]
+    module = kind.build(-13.3, 5.0, width=16)
+    assert (getattr(module, "width", None) == 16) == kind.takes_width
+    params = module.init(jax.random.key(0), T_GRID)
+    for seed in range(3):
+        noisy = _randomise(params, seed, 1.0)
+        gamma = np.asarray(module.apply(noisy, T_GRID))
+        assert np.all(np.diff(gamma) >= 0), name
+    if not jax.tree.leaves(params):
+        return  # A fixed schedule: nothing to split.
+
+    def interior_only(path, leaf, noisy_leaf):
+        return leaf if path[-1].key in schedules.ENDPOINT_PARAMS else noisy_leaf
+
+    moved = jax.tree_util.tree_map_with_path(interior_only, params, _randomise(params, 7, 1.0))
+    ends = jnp.array([0.0, 1.0])
+    same = np.allclose(module.apply(moved, ends), module.apply(params, ends), atol=1e-5)
+    assert same == kind.splits_endpoints, name
