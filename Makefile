@@ -1,4 +1,5 @@
-# `make test` sets up a fresh machine (virtualenv, package, test extras) and runs the suite.
+# `make test` sets up a fresh machine (virtualenv, package, test extras), lints, and runs the
+# fast tier; `make test-all` runs every test, the slow end-to-end tier too (what CI runs).
 # `make digits` sets up the same environment and runs the default job on the embedded data.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,10 +12,14 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: install test lint digits
+.PHONY: install test test-all lint digits
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow" tests
+
+test-all: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 

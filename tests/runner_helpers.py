@@ -114,7 +114,7 @@ def free_port() -> int:
 def restore(config: ml_collections.ConfigDict, workdir: str) -> state.TrainState:
     """The latest checkpoint of ``workdir``, on this process's devices, as numpy arrays."""
     exp = experiment.build(config, jax.local_devices()[:1])
-    restored = checkpoint.restore_latest_in(workdir, state.abstract_train_state(exp))
+    restored = checkpoint.restore_latest(workdir, state.abstract_train_state(exp))
     assert restored is not None, f"no checkpoint in {workdir}"
     return jax.tree.map(np.asarray, restored)
 

@@ -72,6 +72,7 @@ def _check_record(rec):
     assert analysis["total_bytes"] > 0 and analysis["argument_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     config = test_config.get_config()
     opts = options.make_options(steps=2, warmup=1, batch_sizes=[8], device_counts=[2])

@@ -34,6 +34,7 @@ def _perturbed_state(config):
     return exp, jax.tree.unflatten(treedef, noisy)
 
 
+@pytest.mark.slow
 def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
     results = {}
     for method in ("elbo", "elbo_stratified", "elbo_importance"):
@@ -62,6 +63,7 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
     np.testing.assert_allclose(strat["bpd_prior"], anti["bpd_prior"], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dequantization", ["uniform", "decoder"])
 def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
     config = tiny_config(
@@ -109,6 +111,7 @@ def test_eval_settings_are_validated():
             config_validation.validate(tiny_config(**overrides), num_devices=1, process_count=1)
 
 
+@pytest.mark.slow
 def test_reference_checkpoint_eval_uses_its_ema_parameters(tmp_path):
     """``--mode=eval`` with ``eval.reference_checkpoint``: the model takes the checkpoint's
     architecture, and the EMA parameters (not the raw ones) are evaluated."""

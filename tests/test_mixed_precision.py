@@ -3,9 +3,11 @@
 import json
 import os
 
+import pytest
 from runner_helpers import tiny_config, train_run
 
 
+@pytest.mark.slow
 def test_bfloat16_run_matches_float32_bpd_within_its_standard_error(tmp_path):
     """Two tiny runs from the same seed, float32 and bfloat16 compute, 8 steps each, then the
     whole-split evaluation (same images, same keys): the bpd differ by less than the

@@ -147,6 +147,7 @@ def test_loss_config_rejects_bad_values():
         vdm_model.LossConfig(vocab_size=1)
 
 
+@pytest.mark.slow
 def test_bfloat16_network_keeps_the_loss_math_in_float32():
     """Mixed precision: the U-Net computes in bfloat16, the ELBO and gradients stay float32."""
     from vdm_jax import unet

@@ -33,6 +33,7 @@ def _start(workdir: str, num_devices: int, *flags: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     address = f"127.0.0.1:{free_port()}"

@@ -132,6 +132,7 @@ def _ode(vdm, params, x):
     )
 
 
+@pytest.mark.slow
 def test_trained_model_elbo_and_ode_bounds_agree_and_respect_the_entropy(trained):
     vdm, initial_params, params = trained
     x = _sample(jax.random.key(4), 1024)

@@ -91,6 +91,7 @@ def test_train_resume_evaluate_sample(tmp_path):
     assert during.shape == samples.shape
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
     config = tiny_config(**{"eval.num_time_samples": 2})
     batches = data.train_iterator("digits", global_batch_size=16, seed=0, prefetch=0)
@@ -124,6 +125,7 @@ def test_eight_devices_match_one_device():
             assert eval_8[k] == pytest.approx(v, rel=1e-5), k
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     preempted, straight = str(tmp_path / "preempted"), str(tmp_path / "straight")
     overrides = {**NO_EVAL, "training.num_steps": 1000, "training.log_every": 1}
@@ -167,8 +169,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     # Resume from diverged parameters (NaN): every loss is NaN from then on.
     restore_latest = checkpoint.restore_latest
 
-    def diverged(manager, abstract):
-        restored = restore_latest(manager, abstract)
+    def diverged(workdir, abstract, **kwargs):
+        restored = restore_latest(workdir, abstract, **kwargs)
         return restored.replace(params=jax.tree.map(lambda x: x * np.nan, restored.params))
 
     monkeypatch.setattr(checkpoint, "restore_latest", diverged)
@@ -180,6 +182,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert_trees_close(restore(config, workdir), good, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_tfds_path_under_mock_data(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config(

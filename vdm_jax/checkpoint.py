@@ -1,27 +1,51 @@
-"""Asynchronous orbax checkpoints of the whole :class:`~vdm_jax.state.TrainState`.
+"""Asynchronous orbax checkpoints of the whole :class:`~vdm_jax.state.TrainState`, verified.
 
 A checkpoint is the state pytree alone: the data position is its step (batches are a pure
 function of ``(seed, step)``) and the PRNG key is in the state. Checkpoints live in
-``{workdir}/checkpoints/{step}``; the latest is restored automatically.
+``{workdir}/checkpoints/{step}``; the latest readable one is restored automatically.
+
+Integrity: every save records a digest of the state (per leaf, two wrapping 32-bit sums of
+its words, the second position-weighted; computed on device) in the step's orbax metadata,
+and a restore recomputes and compares it, so flipped bytes are named as corruption instead
+of surfacing later as a diverged loss. A checkpoint that cannot be read (empty or partial
+folder, missing metadata, truncated or corrupt data, digest mismatch) is reported in one
+warning with its folder and the reason, and the next older one is tried. Training moves an
+unreadable checkpoint to ``{workdir}/checkpoints_unreadable/`` (never deleting it) so that a
+later save of the same step cannot collide with it; evaluation and sampling only skip it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vdm_jax import reference, sharding, state
 from vdm_jax.experiment import Experiment
 from vdm_jax.state import TrainState
 
+DIGEST_KEY = "vdm_jax_state_digest"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose restored contents do not match the digest recorded at saving."""
+
 
 def checkpoint_dir(workdir: str) -> str:
     """Where the checkpoints of ``workdir`` live."""
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def unreadable_dir(workdir: str) -> str:
+    """Where training sets aside the checkpoints of ``workdir`` that could not be read."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
 
 
 def make_manager(
@@ -39,40 +63,130 @@ def make_manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
-    """Starts saving ``state`` as checkpoint ``step``; returns once it is copied off device.
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 values, one per element, flattened."""
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
-    The write itself continues in the background (``manager.wait_until_finished`` waits for
-    it), so the next training step may donate the state's buffers.
+
+@jax.jit
+def _leaf_digests(leaves: list[jax.Array]) -> jax.Array:
+    """[num_leaves, 2] uint32: each leaf's sum of words and sum of (2 i + 1) word_i, mod 2^32.
+
+    Any change of a single word changes both sums (2 i + 1 is odd, so invertible mod 2^32);
+    integer sums do not depend on the reduction order, so devices and hosts agree.
+    """
+    rows = []
+    for leaf in leaves:
+        words = _words(leaf)
+        weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+        rows.append(jnp.stack([jnp.sum(words), jnp.sum(words * weights)]))
+    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+
+
+def state_digest(tree: Any) -> list[list[int]]:
+    """The integrity digest of a pytree of arrays: ``[[sum, weighted sum], ...]`` per leaf."""
+    return np.asarray(jax.device_get(_leaf_digests(jax.tree.leaves(tree)))).tolist()
+
+
+def save(manager: ocp.CheckpointManager, train_state: TrainState, step: int) -> None:
+    """Starts saving ``train_state`` as checkpoint ``step`` with its digest.
+
+    Returns once the state is copied off device; the write itself continues in the
+    background (``manager.wait_until_finished`` waits for it), so the next training step may
+    donate the state's buffers.
     """
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.save(
+        step,
+        args=ocp.args.StandardSave(train_state),
+        force=True,
+        custom_metadata={DIGEST_KEY: state_digest(train_state)},
+    )
     logging.info("Saving checkpoint %d to %s.", step, manager.directory)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
-    """The latest checkpoint, laid out like ``abstract_state``, or None if there is none.
+def _restore_verified(
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
+) -> TrainState:
+    """Checkpoint ``step``, checked against its recorded digest (when it has one)."""
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    recorded = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+    if recorded is None:
+        logging.info("Checkpoint %d has no recorded digest (an older run); not verified.", step)
+        return restored
+    actual = state_digest(restored)
+    if actual != recorded:
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(restored)]
+        bad = [paths[i] for i, (a, r) in enumerate(zip(actual, recorded, strict=False)) if a != r]
+        raise CorruptCheckpointError(
+            f"its contents do not match the digest recorded when it was saved "
+            f"(corrupt leaves: {', '.join(bad[:5]) or 'the leaf count differs'})"
+        )
+    return restored
+
+
+def _set_aside(workdir: str, step: int) -> None:
+    """Moves checkpoint ``step`` to ``checkpoints_unreadable/`` (process 0), never deleting."""
+    if jax.process_index() == 0:
+        source = os.path.join(checkpoint_dir(workdir), str(step))
+        os.makedirs(unreadable_dir(workdir), exist_ok=True)
+        target, n = os.path.join(unreadable_dir(workdir), str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(unreadable_dir(workdir), f"{step}.{n}"), n + 1
+        shutil.move(source, target)
+        logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"vdm_jax set aside checkpoint {step}")
+
+
+def _diagnose(folder: str) -> str:
+    """What is visibly wrong with a checkpoint folder, as a prefix to orbax's error."""
+    if not os.listdir(folder):
+        return "the folder is empty; "
+    missing = [
+        f
+        for f in ("_CHECKPOINT_METADATA", "default/_METADATA")
+        if not os.path.exists(os.path.join(folder, f))
+    ]
+    return f"missing {', '.join(missing)} (a partial save?); " if missing else ""
+
+
+def restore_latest(
+    workdir: str, abstract_state: TrainState, *, set_aside: bool = False
+) -> TrainState | None:
+    """The newest readable checkpoint of ``workdir``, laid out like ``abstract_state``.
+
+    Each try uses its own read-only manager, so a failed read leaves nothing behind.
 
     Args:
-      manager: the workdir's checkpoint manager.
+      workdir: the run's directory.
       abstract_state: ``jax.ShapeDtypeStruct`` leaves with shardings
-        (``state.abstract_train_state``).
+        (:func:`vdm_jax.state.abstract_train_state`).
+      set_aside: move unreadable checkpoints out of the way (training: call the training
+        manager's ``reload()`` afterwards); False only skips them (evaluation, sampling).
+
+    Returns:
+      The restored state, or None if no checkpoint could be read.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    logging.info("Restoring checkpoint %d from %s.", step, manager.directory)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-
-def restore_latest_in(workdir: str, abstract_state: TrainState) -> TrainState | None:
-    """:func:`restore_latest` through a read-only manager that is closed afterwards."""
-    manager = make_manager(workdir, read_only=True)
-    try:
-        return restore_latest(manager, abstract_state)
-    finally:
-        manager.close()
+    with make_manager(workdir, read_only=True) as manager:
+        steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        folder = os.path.join(checkpoint_dir(workdir), str(step))
+        logging.info("Restoring checkpoint %s.", folder)
+        try:
+            with make_manager(workdir, read_only=True) as manager:
+                return _restore_verified(manager, step, abstract_state)
+        except Exception as e:  # Any failure to read it: try the next older one.
+            reason = _diagnose(folder) + " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            logging.warning("Cannot read checkpoint %s (%s); trying an older one.", folder, reason)
+            if set_aside:
+                _set_aside(workdir, step)
+    return None
 
 
 def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
@@ -80,19 +194,19 @@ def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
 
     From ``eval.reference_checkpoint`` when set (a released google-research/vdm checkpoint,
     whose architecture :func:`vdm_jax.experiment.build` already gave ``exp``), else from the
-    latest checkpoint of ``workdir``.
+    newest readable checkpoint of ``workdir``.
 
     Raises:
-      FileNotFoundError: if ``workdir`` has no checkpoint.
+      FileNotFoundError: if ``workdir`` has no readable checkpoint.
     """
     path = exp.eval.reference_checkpoint
     if path:
         restored = reference.restore_reference(path)
         logging.info("Evaluating reference checkpoint %s (step %d).", path, restored.step)
         return jax.device_put(restored.ema_params, sharding.replicated(exp.mesh)), restored.step
-    restored = restore_latest_in(workdir, state.abstract_train_state(exp))
+    restored = restore_latest(workdir, state.abstract_train_state(exp))
     if restored is None:
         raise FileNotFoundError(
-            f"no checkpoint in {checkpoint_dir(workdir)}; run --mode=train first"
+            f"no readable checkpoint in {checkpoint_dir(workdir)}; run --mode=train first"
         )
     return restored.ema_params, int(restored.step)

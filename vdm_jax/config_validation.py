@@ -11,10 +11,12 @@ ODE solvers' settings), so a new entry needs no edit here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from vdm_jax import (
     conditioning,
@@ -27,6 +29,17 @@ from vdm_jax import (
     specs,
     unet,
 )
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _numbers(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(dotted field, value)`` of every float in a nested config dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{key}", value
 
 
 class ConfigError(ValueError):
@@ -110,6 +123,13 @@ def validate(
             )
         for field in sorted(fields - given):
             problems.append(f"config.{section}.{field} is missing")
+    for field, value in _numbers(config.to_dict()):
+        _check(
+            problems,
+            math.isfinite(value) and abs(value) <= _FLOAT32_MAX,
+            f"config.{field}={value!r} is not a finite float32 number (allowed: |value| <= "
+            f"{_FLOAT32_MAX:.4g})",
+        )
     if problems:  # Every check below reads the sections' fields.
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

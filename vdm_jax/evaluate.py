@@ -25,7 +25,9 @@ import tqdm
 from absl import logging
 
 from vdm_jax import checkpoint, data, elbo_estimators, eval_methods, model, outputs, sharding
+from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
+from vdm_jax.preemption import Preemption
 
 Params = Any
 # ``fold_in`` constants that separate the eval randomness from training's and sampling's.
@@ -126,8 +128,12 @@ class Evaluator:
 
             self.prepare = jax.jit(prepare, in_shardings=(replicated, batch_sharding, replicated))
 
-    def __call__(self, params: Params) -> EvalResult:
-        """Evaluates ``params`` (replicated over the mesh) over the whole eval split."""
+    def __call__(self, params: Params, preemption: Preemption | None = None) -> EvalResult:
+        """Evaluates ``params`` (replicated over the mesh) over the whole eval split.
+
+        Raises:
+          Interrupted: if ``preemption`` is requested; it is checked between batches.
+        """
         exp = self.exp
         start = time.perf_counter()
         base_key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), EVAL_STREAM)
@@ -148,6 +154,8 @@ class Evaluator:
         prepared, per_batch = None, []
         with batches:
             for k, batch in enumerate(progress):
+                if preemption is not None:
+                    preemption.check()
                 inputs = sharding.global_batch(
                     exp.conditioning.model_batch(batch, train=False), exp.mesh
                 )
@@ -193,11 +201,16 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
     """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split
     (or of ``eval.reference_checkpoint``'s).
 
+    The workdir is checked first (a directory, writable, and its recorded config matching
+    the experiment's), so a long evaluation never ends in an unwritable result.
+
     Writes ``{workdir}/eval_step_{step}.json`` (process 0) and prints the results.
 
     Returns:
       The written record: :meth:`EvalResult.record` with ``step``, ``dataset`` and ``seed``.
     """
+    workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
+    workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     result = Evaluator(exp)(params)
     record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)

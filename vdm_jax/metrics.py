@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,18 +20,24 @@ class MetricWriter:
     """Writes scalars and images; only the chief process (index 0) touches files."""
 
     def __init__(self, workdir: str, *, enabled: bool | None = None):
-        """Opens the event files of ``workdir`` (appending to those of earlier runs).
+        """Writes to the event files of ``workdir`` (appending to those of earlier runs).
 
         Args:
           workdir: the run's directory; events go to ``{workdir}/tensorboard``.
           enabled: write files and console lines; default: this is process 0.
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._writer = None
-        if self.enabled:
+        self._directory = os.path.join(workdir, "tensorboard")
+        self._writer: Any = None
+
+    def _events(self) -> Any:
+        """The event-file writer, opened at the first write (a run that writes nothing
+        leaves no file)."""
+        if self._writer is None:
             from tensorboardX import SummaryWriter  # Imported here: process 0 only.
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._writer = SummaryWriter(self._directory)
+        return self._writer
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Logs ``{name: value}`` at ``step`` to the console and TensorBoard."""
@@ -39,9 +46,10 @@ class MetricWriter:
         logging.info(
             "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
         )
+        events = self._events()
         for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), step)
-        self._writer.flush()
+            events.add_scalar(name, float(value), step)
+        events.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes ``{name: uint8 [H, W, C]}`` images (C = 1 or 3) at ``step`` to TensorBoard."""
@@ -51,8 +59,8 @@ class MetricWriter:
             image = np.asarray(image)
             if image.shape[-1] == 1:
                 image = np.repeat(image, 3, axis=-1)
-            self._writer.add_image(name, image, step, dataformats="HWC")
-        self._writer.flush()
+            self._events().add_image(name, image, step, dataformats="HWC")
+        self._events().flush()
 
     def close(self) -> None:
         """Flushes and closes the event files."""

@@ -508,7 +508,13 @@ def load_reference_checkpoint(path: str) -> dict[str, Any]:
       ``clu.checkpoint.Checkpoint(path).restore_dict()`` returns them.
     """
     flax_path = find_flax_file(path)
-    state = flax.serialization.msgpack_restore(_read(flax_path))
+    try:
+        state = flax.serialization.msgpack_restore(_read(flax_path))
+    except Exception as e:  # msgpack's errors name no file.
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ReferenceCheckpointError(
+            f"{flax_path!r} is not a reference checkpoint: it does not decode ({reason})"
+        ) from e
     if not isinstance(state, dict):
         raise ReferenceCheckpointError(f"{flax_path!r} does not hold a state dict")
     return state

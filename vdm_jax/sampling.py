@@ -9,7 +9,9 @@ import jax
 import numpy as np
 
 from vdm_jax import checkpoint, model, outputs, samplers, sharding
+from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
+from vdm_jax.preemption import Preemption
 
 Params = Any
 # ``fold_in`` constant that separates the sampling randomness from training's and eval's.
@@ -51,13 +53,24 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
 
 
 def draw(
-    exp: Experiment, params: Params, sample_fn: Callable[[Params, jax.Array], jax.Array]
+    exp: Experiment,
+    params: Params,
+    sample_fn: Callable[[Params, jax.Array], jax.Array],
+    preemption: Preemption | None = None,
 ) -> np.ndarray:
-    """``sample.num_samples`` integer samples [N, H, W, C], deterministic for the seed."""
+    """``sample.num_samples`` integer samples [N, H, W, C], deterministic for the seed.
+
+    Raises:
+      Interrupted: if ``preemption`` is requested; it is checked between sampler calls.
+    """
     base_key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), SAMPLE_STREAM)
     num_batches = -(-exp.sample.num_samples // exp.sample.batch_size)
-    batches = [sample_fn(params, jax.random.fold_in(base_key, k)) for k in range(num_batches)]
-    return np.concatenate([np.asarray(b) for b in batches])[: exp.sample.num_samples]
+    batches = []
+    for k in range(num_batches):
+        if preemption is not None:
+            preemption.check()
+        batches.append(np.asarray(sample_fn(params, jax.random.fold_in(base_key, k))))
+    return np.concatenate(batches)[: exp.sample.num_samples]
 
 
 def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
@@ -68,6 +81,8 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
     Returns:
       The samples, int32 [N, H, W, C].
     """
+    workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
+    workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     samples = draw(exp, params, make_sample_fn(exp))
     if jax.process_index() == 0:

@@ -4,6 +4,11 @@ Each dataclass's fields are exactly the keys of its config section (``configs/ba
 documents them), so ``OptimizerSpec(**config.optimizer)`` is the whole conversion, as
 big_vision passes ``config.model`` to its model. :func:`vdm_jax.experiment.build` makes them
 once, after the config checks.
+
+Fields marked :func:`may_change` may differ between a workdir's recorded config and a run
+that resumes, evaluates or samples it (lengths, intervals, evaluation and sampling settings,
+the compute dtype, rematerialisation, the optimizer's step sizes); every other field defines
+the model, the objective or the data order, and a change is refused (:mod:`vdm_jax.workdir`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ import jax.numpy as jnp
 
 from vdm_jax import model, schedules, unet
 
+
+def may_change() -> Any:
+    """Marks a field that a resumed, evaluated or sampled run may set differently."""
+    return dataclasses.field(metadata={"may_change": True})
+
+
 # Compute dtypes by name (``model.dtype``); parameters stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,7 +37,7 @@ class DataSpec:
 
     name: str
     vocab_size: int
-    data_dir: str | None
+    data_dir: str | None = may_change()
     augment: bool
 
 
@@ -50,8 +61,8 @@ class ModelSpec:
     fourier_min_exp: int
     fourier_max_exp: int
     num_groups: int
-    dtype: str
-    remat: bool
+    dtype: str = may_change()
+    remat: bool = may_change()
     label_input: str
     min_group_size: int
     add_z_to_eps: bool
@@ -86,14 +97,14 @@ class ModelSpec:
 class OptimizerSpec:
     """``config.optimizer``: AdamW with linear warmup, global-norm clipping (0: none), EMA."""
 
-    learning_rate: float
-    warmup_steps: int
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
+    learning_rate: float = may_change()
+    warmup_steps: int = may_change()
+    b1: float = may_change()
+    b2: float = may_change()
+    eps: float = may_change()
+    weight_decay: float = may_change()
     grad_clip_norm: float
-    ema_rate: float
+    ema_rate: float = may_change()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +112,12 @@ class TrainingSpec:
     """``config.training``: global batch, length, and intervals (in steps) of each action."""
 
     batch_size: int
-    num_steps: int
-    log_every: int
-    eval_every: int
-    sample_every: int
-    checkpoint_every: int
-    max_to_keep: int
+    num_steps: int = may_change()
+    log_every: int = may_change()
+    eval_every: int = may_change()
+    sample_every: int = may_change()
+    checkpoint_every: int = may_change()
+    max_to_keep: int = may_change()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,26 +125,26 @@ class EvalSpec:
     """``config.eval``: the estimator (a :data:`vdm_jax.eval_methods.EVAL_METHODS` key) and
     its settings; ``reference_checkpoint`` evaluates a released reference checkpoint."""
 
-    method: str
-    batch_size: int
-    num_time_samples: int
-    ode_rtol: float
-    ode_atol: float
-    ode_divergence: str
-    ode_dequant_samples: int
-    ode_dequantization: str
-    reference_checkpoint: str | None
+    method: str = may_change()
+    batch_size: int = may_change()
+    num_time_samples: int = may_change()
+    ode_rtol: float = may_change()
+    ode_atol: float = may_change()
+    ode_divergence: str = may_change()
+    ode_dequant_samples: int = may_change()
+    ode_dequantization: str = may_change()
+    reference_checkpoint: str | None = may_change()
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
     """``config.sample``: how many samples, in which batches, and the sampler's settings."""
 
-    num_samples: int
-    batch_size: int
-    num_steps: int
-    sampler: str
-    decode: str
+    num_samples: int = may_change()
+    batch_size: int = may_change()
+    num_steps: int = may_change()
+    sampler: str = may_change()
+    decode: str = may_change()
 
 
 SECTIONS: dict[str, type] = {

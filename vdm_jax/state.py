@@ -7,12 +7,14 @@ checkpoint without importing the training loop.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vdm_jax import sharding
@@ -39,6 +41,11 @@ class TrainState:
     ema_params: Params
     opt_state: optax.OptState
     rng: jax.Array
+
+
+def num_bytes(tree: Any) -> int:
+    """Bytes of the arrays (or ``jax.ShapeDtypeStruct`` s) of a pytree."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:

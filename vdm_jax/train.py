@@ -10,11 +10,10 @@ to the host, so logging, evaluation and checkpoints can happen at any step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,7 +23,6 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
 from vdm_jax import (
     checkpoint,
@@ -34,10 +32,12 @@ from vdm_jax import (
     metrics,
     model,
     outputs,
+    preemption,
     sampling,
     sharding,
     state,
 )
+from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
 from vdm_jax.state import TrainState
 
@@ -139,37 +139,6 @@ def make_train_step(exp: Experiment) -> TrainStepFn:
     )
 
 
-@contextlib.contextmanager
-def preemption_flag() -> Iterator[threading.Event]:
-    """An event set on SIGTERM while inside the context (single-process runs).
-
-    The loop checks it at each step boundary, saves and exits. Multi-process runs leave
-    SIGTERM to JAX's preemption service instead (see :func:`_preempted`), which agrees on
-    one step for all hosts. Outside the main thread no handler can be installed.
-    """
-    flag = threading.Event()
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        del frame
-        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-        flag.set()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _preempted(flag: threading.Event, step: int) -> bool:
-    if jax.process_count() > 1:
-        return multihost_utils.reached_preemption_sync_point(step)
-    return flag.is_set()
-
-
 def _check_finite(step: int, step_metrics: Metrics, manager: ocp.CheckpointManager) -> None:
     """Raises FloatingPointError if training step ``step`` (1-based) was not finite."""
     if bool(step_metrics["finite"]):
@@ -196,14 +165,45 @@ def train_inputs(exp: Experiment, batch: data.Batch) -> dict[str, jax.Array]:
     return sharding.global_batch(exp.conditioning.model_batch(batch, train=True), exp.mesh)
 
 
+def make_save_check(exp: Experiment) -> Callable[[TrainState, dict[str, jax.Array]], jax.Array]:
+    """Jitted ``(state, batch) -> [] bool``: is the state fit to be saved as a good one?
+
+    True when its parameters and EMA parameters are finite and the negative ELBO computed
+    from its parameters on ``batch`` (no dropout) is finite. The training step checks the
+    loss of the state *before* its update; this checks the state the update produced.
+    """
+
+    def finite(train_state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+        key = jax.random.fold_in(train_state.rng, train_state.step)
+        terms = model.vdm_terms(exp.vdm, train_state.params, batch, key, exp.loss)
+        leaves = jax.tree.leaves((train_state.params, train_state.ema_params))
+        finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        return jnp.isfinite(jnp.mean(sum(terms.values()))) & finite_params
+
+    replicated = sharding.replicated(exp.mesh)
+    return jax.jit(
+        finite,
+        in_shardings=(replicated, sharding.batch_sharding(exp.mesh)),
+        out_shardings=replicated,
+    )
+
+
 def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
-    """Trains from the latest checkpoint in ``workdir`` (or from scratch) to the last step.
+    """Trains from the newest good checkpoint in ``workdir`` (or from scratch) to the last step.
 
     Logs every ``training.log_every`` steps and at the end, evaluates (EMA parameters, whole
     split) every ``eval_every`` steps, writes sample grids every ``sample_every`` steps, and
-    saves every ``checkpoint_every`` steps and at the end. On SIGTERM it saves at the next step
-    boundary and returns. A non-finite loss or gradient raises ``FloatingPointError``
-    without saving, so the last good checkpoint stays the latest.
+    saves every ``checkpoint_every`` steps and at the end.
+
+    Guarantees: a state is saved only once a finite loss has been computed from it, so every
+    checkpoint is a good one and only good ones rotate older ones out; a non-finite loss,
+    gradient or updated state raises ``FloatingPointError`` without saving. The workdir keeps
+    the config that wrote it (:mod:`vdm_jax.workdir`) and a changed config is refused before
+    any work. An unreadable or corrupt newest checkpoint is set aside and the next older one
+    used (:mod:`vdm_jax.checkpoint`). On SIGTERM it saves at the next step boundary (or,
+    during an evaluation or sampling, at once) and returns; a signal before any new step
+    has finished (during the first compilation, say) raises
+    :class:`vdm_jax.preemption.Interrupted` at once, having written nothing.
 
     Args:
       exp: the experiment (:func:`vdm_jax.experiment.build`).
@@ -212,15 +212,28 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     Returns:
       The final (or preempted) state.
     """
+    with preemption.handle_sigterm() as preempt:
+        return _train(exp, workdir, preempt)
+
+
+def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> TrainState:
+    """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt``."""
     t = exp.training
+    workdir_lib.prepare(workdir, create=True)
+    workdir_lib.check_config_record(exp, workdir)
+    abstract = state.abstract_train_state(exp)
+    workdir_lib.check_free_space(workdir, state.num_bytes(abstract))
+    # Created first: every process creates it in step, before anyone looks at the folder.
     manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
-    train_state = checkpoint.restore_latest(manager, state.abstract_train_state(exp))
+    train_state = checkpoint.restore_latest(workdir, abstract, set_aside=True)
+    manager.reload()  # Unreadable checkpoints may have been set aside.
     if train_state is None:
         train_state = state.create_train_state(exp)
     step = int(train_state.step)
     logging.info("Starting at step %d of %d.", step, t.num_steps)
 
     p_train_step = make_train_step(exp)
+    save_check = make_save_check(exp)
     evaluator = evaluate.Evaluator(exp)
     sample_fn = sampling.make_sample_fn(exp)
     writer = metrics.MetricWriter(workdir)
@@ -241,52 +254,125 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     window_start = time.perf_counter()
     paused = 0.0  # Seconds of the window spent evaluating, sampling or saving.
     previous: Metrics | None = None
-    try:
-        with preemption_flag() as flag:
-            while step < t.num_steps:
-                batch = train_inputs(exp, next(batches))
-                train_state, step_metrics = p_train_step(train_state, batch)
-                step += 1
-                # Check the previous step, not this one: the device stays one step ahead.
-                if previous is not None:
-                    _check_finite(step - 1, previous, manager)
-                previous = step_metrics
-                window.append(step_metrics)
-                bar.update(1)
+    step_fn: Any = None
 
-                preempted = _preempted(flag, step)
-                last = step == t.num_steps
-                if step % t.log_every == 0 or last or preempted:
-                    _check_finite(step, step_metrics, manager)
-                    seconds = time.perf_counter() - window_start - paused
-                    scalars = _window_scalars(window, seconds, t.batch_size)
-                    writer.write_scalars(step, scalars)
-                    bar.set_postfix(bpd=f"{scalars['train/bpd']:.4f}")
-                    window, window_start, paused = [], time.perf_counter(), 0.0
-                pause_start = time.perf_counter()
-                if step % t.checkpoint_every == 0 or last or preempted:
-                    _check_finite(step, step_metrics, manager)
-                    checkpoint.save(manager, train_state, step)
-                if preempted:
-                    logging.warning("Preempted at step %d; checkpoint saved.", step)
-                    break
+    def save(step_metrics: Metrics, batch: dict[str, jax.Array]) -> None:
+        """Saves the state of ``step`` if it is good; raises FloatingPointError if not."""
+        _check_finite(step, step_metrics, manager)
+        if not bool(save_check(train_state, batch)):
+            raise FloatingPointError(
+                f"training step {step} produced a state with non-finite parameters or loss "
+                f"(the update diverged: optimizer.learning_rate={exp.optimizer.learning_rate}); "
+                f"stopping without saving it. The last good checkpoint is step "
+                f"{manager.latest_step()} in {manager.directory}."
+            )
+        checkpoint.save(manager, train_state, step)
+        workdir_lib.write_config_record(exp, workdir)
+
+    try:
+        while step < t.num_steps:
+            batch = train_inputs(exp, next(batches))
+            if step_fn is None:  # Compiled where a signal is seen at once.
+                lowered = p_train_step.lower(train_state, batch)
+                step_fn = preempt.wait_for(lowered.compile)
+            train_state, step_metrics = step_fn(train_state, batch)
+            step += 1
+            # Check the previous step, not this one: the device stays one step ahead.
+            if previous is not None:
+                _check_finite(step - 1, previous, manager)
+            previous = step_metrics
+            window.append(step_metrics)
+            bar.update(1)
+
+            preempted = preempt.at_step(step)
+            last = step == t.num_steps
+            if step % t.log_every == 0 or last or preempted:
+                _check_finite(step, step_metrics, manager)
+                seconds = time.perf_counter() - window_start - paused
+                scalars = _window_scalars(window, seconds, t.batch_size)
+                writer.write_scalars(step, scalars)
+                bar.set_postfix(bpd=f"{scalars['train/bpd']:.4f}")
+                window, window_start, paused = [], time.perf_counter(), 0.0
+            pause_start = time.perf_counter()
+            if step % t.checkpoint_every == 0 or last or preempted:
+                save(step_metrics, batch)
+            if preempted:
+                logging.warning("Preempted at step %d; checkpoint saved.", step)
+                break
+            try:
                 if step % t.eval_every == 0:
-                    result = evaluator(train_state.ema_params)
-                    writer.write_scalars(step, result.scalars())
-                    if jax.process_index() == 0:
-                        record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)
-                        outputs.write_eval_json(record, workdir, step)
+                    _evaluate(exp, evaluator, train_state, writer, workdir, step, preempt)
                 if step % t.sample_every == 0:
-                    samples = sampling.draw(exp, train_state.ema_params, sample_fn)
-                    vocab_size = exp.info.vocab_size
-                    writer.write_images(step, {"samples": outputs.image_grid(samples, vocab_size)})
-                    if jax.process_index() == 0:
-                        outputs.write_samples(samples, vocab_size, workdir, step)
-                paused += time.perf_counter() - pause_start
+                    _sample(exp, sample_fn, train_state, writer, workdir, step, preempt)
+            except preemption.Interrupted:
+                save(step_metrics, batch)
+                logging.warning(
+                    "Preempted at step %d during evaluation or sampling; checkpoint saved.",
+                    step,
+                )
+                break
+            paused += time.perf_counter() - pause_start
+        _finish_saving(manager)
+    except OSError as e:
+        raise _named_disk_full(e, workdir) from e
     finally:
         bar.close()
-        manager.wait_until_finished()
+        with contextlib.suppress(Exception):  # Already raised above, or nothing to finish.
+            manager.wait_until_finished()
         manager.close()
         writer.close()
         batches.close()
     return train_state
+
+
+def _finish_saving(manager: ocp.CheckpointManager) -> None:
+    """Waits for the asynchronous saves; a failed write raises OSError naming its cause."""
+    try:
+        manager.wait_until_finished()
+    except ValueError as e:  # Orbax reports TensorStore write failures as ValueError.
+        raise OSError(f"a checkpoint write to {manager.directory} failed: {e}") from e
+
+
+def _named_disk_full(error: OSError, workdir: str) -> OSError:
+    """``error``, restated in one line when it means the disk is full."""
+    if error.errno == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(error):
+        return OSError(
+            errno.ENOSPC,
+            f"No space left on device: the run could not write to {workdir}. "
+            "Free space (or use another workdir) and resume",
+        )
+    return error
+
+
+def _evaluate(
+    exp: Experiment,
+    evaluator: evaluate.Evaluator,
+    train_state: TrainState,
+    writer: metrics.MetricWriter,
+    workdir: str,
+    step: int,
+    preempt: preemption.Preemption,
+) -> None:
+    """The whole-split evaluation of the EMA parameters during training, logged and written."""
+    result = evaluator(train_state.ema_params, preempt)
+    writer.write_scalars(step, result.scalars())
+    if jax.process_index() == 0:
+        record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)
+        outputs.write_eval_json(record, workdir, step)
+
+
+def _sample(
+    exp: Experiment,
+    sample_fn: Callable[[Any, jax.Array], jax.Array],
+    train_state: TrainState,
+    writer: metrics.MetricWriter,
+    workdir: str,
+    step: int,
+    preempt: preemption.Preemption,
+) -> None:
+    """Samples from the EMA parameters during training, as a TensorBoard grid and files."""
+    samples = sampling.draw(exp, train_state.ema_params, sample_fn, preempt)
+    vocab_size = exp.info.vocab_size
+    writer.write_images(step, {"samples": outputs.image_grid(samples, vocab_size)})
+    if jax.process_index() == 0:
+        outputs.write_samples(samples, vocab_size, workdir, step)

@@ -9,21 +9,14 @@ backward pass keeps (:func:`saved_activation_bytes`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.benchmark import harness, parts
 from vdm_jax import flops, model, state, train, unet
 from vdm_jax.experiment import Experiment
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of every array (or ``jax.ShapeDtypeStruct``) in ``tree``."""
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def saved_activation_bytes(exp: Experiment, params: Any, batch: dict[str, Any]) -> int:
@@ -51,7 +44,7 @@ def saved_activation_bytes(exp: Experiment, params: Any, batch: dict[str, Any]) 
 
         return jax.vjp(loss, p)[1]
 
-    return tree_bytes(jax.eval_shape(residuals, params, batch))
+    return state.num_bytes(jax.eval_shape(residuals, params, batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +76,12 @@ def residual_estimate(
     exp: Experiment, abstract_state: state.TrainState, batch: dict[str, Any]
 ) -> ResidualEstimate:
     """:class:`ResidualEstimate` of the train step on ``batch`` (abstract inputs)."""
-    state_bytes = tree_bytes((abstract_state.params, abstract_state.ema_params))
-    state_bytes += tree_bytes(abstract_state.opt_state)
+    state_bytes = state.num_bytes((abstract_state.params, abstract_state.ema_params))
+    state_bytes += state.num_bytes(abstract_state.opt_state)
     activations = saved_activation_bytes(exp, abstract_state.params, batch)
     return ResidualEstimate(
         train_state_bytes=state_bytes,
-        gradient_bytes=tree_bytes(abstract_state.params),
+        gradient_bytes=state.num_bytes(abstract_state.params),
         saved_activation_bytes=activations // exp.mesh.size,
     )
 

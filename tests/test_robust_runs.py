@@ -1,0 +1,382 @@
+"""Long runs that cannot be poisoned, silently mixed or stranded: divergence, unreadable and
+corrupt checkpoints, the workdir's config record, prompt preemption, errors that name their
+cause."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from runner_helpers import (
+    REPO,
+    assert_trees_close,
+    eval_run,
+    latest_step,
+    main_command,
+    restore,
+    subprocess_env,
+    tiny_config,
+    train_run,
+)
+
+from vdm_jax import checkpoint, config_validation, experiment, reference, state, workdir
+
+NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
+
+
+def _run(workdir_path: str, *args: str, mode: str = "train") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        main_command(workdir_path, *args, mode=mode),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _steps(workdir_path: str, folder: str = "checkpoints") -> list[int]:
+    path = os.path.join(workdir_path, folder)
+    return sorted(int(n.split(".")[0]) for n in os.listdir(path)) if os.path.isdir(path) else []
+
+
+# ---- 1. a divergent update is never saved, so a plain resume works ---------------------------
+
+
+@pytest.mark.slow
+def test_divergent_update_is_not_saved_and_resume_with_a_sane_rate_works(tmp_path):
+    path = str(tmp_path)
+    steady = {**NO_EVAL, "training.checkpoint_every": 1, "training.max_to_keep": 2}
+    good = jax.device_get(train_run(tiny_config(**steady, **{"training.num_steps": 2}), path))
+    assert _steps(path) == [1, 2]
+    exploding = {"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0}
+    with pytest.raises(
+        FloatingPointError, match=r"step 3 .*diverged.*last good checkpoint is step 2"
+    ):
+        train_run(tiny_config(**steady, **exploding, **{"training.num_steps": 4}), path)
+    # Nothing was saved from the diverged state, and no good checkpoint was rotated out.
+    assert _steps(path) == [1, 2]
+    assert_trees_close(restore(tiny_config(), path), good, rtol=0, atol=0)
+    final = train_run(tiny_config(**steady, **{"training.num_steps": 4}), path)
+    assert (
+        int(final.step) == 4
+        and np.isfinite(jax.device_get(final.params["score_net"]["conv_in"]["kernel"])).all()
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("optimizer.learning_rate", 1e39),
+        ("optimizer.eps", float("nan")),
+        ("model.gamma_max", float("inf")),
+    ],
+)
+def test_non_finite_or_float32_overflowing_numbers_are_refused(field, value):
+    with pytest.raises(
+        config_validation.ConfigError, match=rf"config\.{field}=.*not a finite float32"
+    ):
+        config_validation.validate(tiny_config(**{field: value}), num_devices=1, process_count=1)
+
+
+# ---- 2 and 3. unreadable and corrupt checkpoints: named, set aside, older ones used ----------
+
+
+def _corrupt_silently(path: str, step: int) -> None:
+    """Rewrites checkpoint ``step`` with one parameter value changed and the digest of the
+    original: what a storage fault that flips bits in array data leaves behind, a file that
+    decodes without error into different values."""
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    with checkpoint.make_manager(path, read_only=True) as manager:
+        original = manager.restore(
+            step, args=ocp.args.StandardRestore(state.abstract_train_state(exp))
+        )
+    digest = checkpoint.state_digest(original)
+    kernel = np.array(original.params["score_net"]["conv_in"]["kernel"])
+    kernel.reshape(-1)[7] = 7.35e37
+    damaged = original.replace(
+        params={
+            **original.params,
+            "score_net": {
+                **original.params["score_net"],
+                "conv_in": {**original.params["score_net"]["conv_in"], "kernel": kernel},
+            },
+        }
+    )
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(path), str(step)))
+    with checkpoint.make_manager(path, max_to_keep=100) as manager:
+        manager.save(
+            step,
+            args=ocp.args.StandardSave(damaged),
+            force=True,
+            custom_metadata={checkpoint.DIGEST_KEY: digest},
+        )
+
+
+@pytest.mark.slow
+def test_unreadable_and_corrupt_checkpoints_fall_back_to_the_newest_readable(tmp_path):
+    path = str(tmp_path)
+    config = tiny_config(
+        **NO_EVAL,
+        **{"training.num_steps": 4, "training.checkpoint_every": 1, "training.max_to_keep": 10},
+    )
+    train_run(config, path)
+    good = restore(tiny_config(), path)  # Step 4, before any damage.
+    ckpts = checkpoint.checkpoint_dir(path)
+    os.makedirs(os.path.join(ckpts, "7"))  # An empty step folder.
+    os.makedirs(os.path.join(ckpts, "6", "default"))  # A save interrupted before metadata.
+    os.remove(os.path.join(ckpts, "4", "default", "_METADATA"))  # Metadata lost.
+    with open(os.path.join(ckpts, "3", "default", "manifest.ocdbt"), "wb"):
+        pass  # A zero-length data file.
+    _corrupt_silently(path, 2)  # Decodes fine: only the digest can tell.
+
+    # Evaluation skips them with one warning each and uses step 1; it moves nothing.
+    result = _run(path, mode="eval")
+    assert result.returncode == 0, result.stderr
+    for step, reason in (
+        (7, "the folder is empty"),
+        (6, "missing"),
+        (4, "missing default/_METADATA"),
+        (3, ""),
+        (2, "do not match the digest"),
+    ):
+        warnings = [
+            line
+            for line in result.stderr.splitlines()
+            if f"Cannot read checkpoint {ckpts}/{step} (" in line
+        ]
+        assert len(warnings) == 1 and reason in warnings[0], (step, warnings)
+    assert json.load(open(os.path.join(path, "eval_step_1.json")))["step"] == 1
+    assert _steps(path) == [1, 2, 3, 4, 6, 7]
+
+    # Training sets each aside (nothing deleted) and resumes from step 1.
+    final = train_run(config, path)
+    assert int(final.step) == 4
+    assert _steps(path, "checkpoints_unreadable") == [2, 3, 4, 6, 7]
+    assert _steps(path) == [1, 2, 3, 4]  # Saved again, no collision with the set-aside ones.
+    assert_trees_close(restore(tiny_config(), path), good, rtol=1e-6)  # The same run again.
+
+
+@pytest.mark.slow
+def test_a_tampered_digest_is_named_as_corruption(tmp_path):
+    path = str(tmp_path)
+    train_run(tiny_config(**NO_EVAL, **{"training.num_steps": 2}), path)
+    meta_path = os.path.join(checkpoint.checkpoint_dir(path), "2", "_CHECKPOINT_METADATA")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["custom_metadata"][checkpoint.DIGEST_KEY][1][0] += 1
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    with checkpoint.make_manager(path, read_only=True) as manager:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="digest"):
+            checkpoint._restore_verified(manager, 2, state.abstract_train_state(exp))
+
+
+def test_state_digest_changes_with_any_single_word():
+    tree = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.int32)}
+    base = checkpoint.state_digest(tree)
+    assert base == checkpoint.state_digest(jax.tree.map(np.copy, tree))
+    for leaf in ("a", "b"):
+        for index in range(tree[leaf].size):
+            changed = jax.tree.map(np.copy, tree)
+            flat = changed[leaf].reshape(-1).view(np.uint32)
+            flat[index] ^= np.uint32(1 << (index % 32))
+            assert checkpoint.state_digest(changed) != base, (leaf, index)
+    swapped = jax.tree.map(np.copy, tree)
+    swapped["a"].reshape(-1)[[0, 1]] = swapped["a"].reshape(-1)[[1, 0]]
+    assert checkpoint.state_digest(swapped) != base  # Order matters, not only the sum.
+
+
+# ---- 4. the workdir records its config; a change that mixes runs is refused -------------------
+
+
+@pytest.mark.slow
+def test_config_record_refuses_changes_that_mix_runs(tmp_path):
+    path = str(tmp_path)
+    train_run(tiny_config(**NO_EVAL, **{"training.num_steps": 2}), path)
+    with open(os.path.join(path, workdir.RECORD)) as f:
+        assert json.load(f)["model"]["num_groups"] == 4
+    changed = {"model.num_groups": 2, "seed": 3, "training.batch_size": 32}
+    with pytest.raises(config_validation.ConfigError) as error:
+        train_run(tiny_config(**NO_EVAL, **changed, **{"training.num_steps": 4}), path)
+    message = str(error.value)
+    for line in (
+        "config.model.num_groups: 4 -> 2",
+        "config.seed: 0 -> 3",
+        "config.training.batch_size: 16 -> 32",
+    ):
+        assert line in message
+    assert latest_step(path) == 2  # Nothing rotated.
+    # A shape-changing change is named too, before orbax sees it.
+    with pytest.raises(config_validation.ConfigError, match=r"config\.model\.channels: 16 -> 32"):
+        train_run(tiny_config(**NO_EVAL, **{"model.channels": 32}), path)
+    # Evaluation with another model is refused and writes nothing.
+    with pytest.raises(config_validation.ConfigError, match="num_groups"):
+        eval_run(tiny_config(**{"model.num_groups": 2}), path)
+    assert not os.path.exists(os.path.join(path, "eval_step_2.json"))
+    # Allowed changes pass: length, intervals, evaluation settings, remat.
+    allowed = {
+        "training.num_steps": 3,
+        "training.log_every": 1,
+        "eval.method": "elbo_stratified",
+        "model.remat": True,
+    }
+    assert int(train_run(tiny_config(**NO_EVAL, **allowed), path).step) == 3
+
+
+# ---- 5. prompt preemption -------------------------------------------------------------------
+
+
+def _wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"exited before {what}: {process.stderr.read()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_saves_and_stops_between_batches(tmp_path):
+    path = str(tmp_path)
+    # A slow evaluation right after the step-2 checkpoint: 297 images x 64 network calls.
+    overrides = {
+        "training.num_steps": 1000,
+        "training.eval_every": 2,
+        "training.sample_every": 10**6,
+        "eval.num_time_samples": 64,
+        "eval.batch_size": 8,
+    }
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        main_command(path, *[f"--config.{k}={v}" for k, v in overrides.items()]),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: "eval:" in open(log.name).read(), process, "the evaluation")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    output = open(log.name).read()
+    assert process.returncode == 0, output
+    assert "Preempted at step 2 during evaluation or sampling; checkpoint saved." in output
+    assert latest_step(path) == 2
+    assert not os.path.exists(os.path.join(path, "eval_step_2.json"))  # Not finished.
+
+
+@pytest.mark.slow
+def test_sigterm_before_any_new_step_exits_without_writing(tmp_path):
+    path = str(tmp_path)
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        main_command(path, "--config.training.num_steps=1000"),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: "Starting at step 0" in open(log.name).read(), process, "the start")
+        process.send_signal(signal.SIGTERM)  # The first step is being compiled now.
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    output = open(log.name).read()
+    assert process.returncode == 0, output
+    assert "Preempted before a new step finished; nothing written." in output
+    assert _steps(path) == [] and not os.path.exists(os.path.join(path, workdir.RECORD))
+    assert not os.path.exists(os.path.join(path, "tensorboard"))
+
+
+# ---- 6. errors that name their cause, before any work -----------------------------------------
+
+
+def test_unknown_config_field_is_one_clear_line(tmp_path):
+    result = _run(str(tmp_path), "--config.training.bogus=1")
+    assert result.returncode != 0
+    assert "config.training.bogus is not a config field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_garbage_reference_checkpoint_names_its_file(tmp_path):
+    bad = tmp_path / "ckpt-3.flax"
+    bad.write_bytes(b"\x93not msgpack at all" * 10)
+    with pytest.raises(reference.ReferenceCheckpointError, match=rf"{bad}.*does not decode"):
+        reference.load_reference_checkpoint(str(bad))
+
+
+def test_workdir_that_is_a_file_or_read_only_fails_before_any_work(tmp_path):
+    as_file = tmp_path / "file"
+    as_file.write_text("")
+    result = _run(str(as_file), mode="eval")
+    assert result.returncode != 0 and "is a file, not a directory" in result.stderr
+    with pytest.raises(workdir.WorkdirError, match="is a file"):
+        workdir.prepare(str(as_file), create=True)
+
+
+def _mount_tmpfs(target: str, options: str) -> bool:
+    if os.geteuid() != 0 or sys.platform != "linux":
+        return False
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", target], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+@pytest.mark.slow
+def test_read_only_workdir_is_refused_before_the_evaluation(tmp_path):
+    path = str(tmp_path / "ro")
+    os.makedirs(path)
+    if not _mount_tmpfs(path, "size=1m,ro"):
+        pytest.skip("needs root to mount a read-only tmpfs")
+    try:
+        with pytest.raises(workdir.WorkdirError, match="not writable"):
+            eval_run(tiny_config(), path)
+    finally:
+        subprocess.run(["umount", path], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("size", "when"),
+    [("256k", "before any work"), ("800k", "while saving, after the free-space check passed")],
+)
+def test_full_disk_is_one_clear_error(tmp_path, size, when):
+    """The tiny model's state is 0.64 MiB; a checkpoint of it takes about 1 MiB on disk."""
+    path = str(tmp_path / "tiny")
+    os.makedirs(path)
+    if not _mount_tmpfs(path, f"size={size}"):
+        pytest.skip("needs root to mount a small tmpfs")
+    overrides = [f"--config.{k}={v}" for k, v in {**NO_EVAL, "training.num_steps": 2}.items()]
+    try:
+        for attempt in range(2):  # The second run meets the same full disk.
+            result = _run(path, *overrides)
+            assert result.returncode == 1, (when, attempt)
+            last = result.stderr.strip().splitlines()[-1]
+            assert "No space left on device" in last and path in last, (when, last)
+            assert "handle is closed" not in result.stderr, (when, attempt)
+            # The first mid-run failure trains; its partial save then fills the disk, so the
+            # second run stops before any work too.
+            started = "Starting at step" in result.stderr
+            assert started == (when != "before any work" and attempt == 0), (when, attempt)
+            assert latest_step(path) is None
+    finally:
+        subprocess.run(["umount", path], check=False)
