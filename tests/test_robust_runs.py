@@ -238,12 +238,30 @@ def test_config_record_refuses_changes_that_mix_runs(tmp_path):
 # ---- 5. prompt preemption -------------------------------------------------------------------
 
 
-def _wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"exited before {what}: {process.stderr.read()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
+def _sigterm_when(path: str, overrides: dict, marker: str) -> tuple[int, str]:
+    """Runs ``experiments.main``, sends SIGTERM once ``marker`` is in its log, and returns
+    its exit status and log."""
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        process = subprocess.Popen(
+            main_command(path, *flags),
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while marker not in open(log.name).read():
+                assert process.poll() is None, open(log.name).read()
+                assert time.monotonic() < deadline, f"no {marker!r} within 240 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+        return process.returncode, open(log.name).read()
 
 
 @pytest.mark.slow
@@ -257,23 +275,8 @@ def test_sigterm_during_evaluation_saves_and_stops_between_batches(tmp_path):
         "eval.num_time_samples": 64,
         "eval.batch_size": 8,
     }
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        main_command(path, *[f"--config.{k}={v}" for k, v in overrides.items()]),
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: "eval:" in open(log.name).read(), process, "the evaluation")
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-    finally:
-        process.kill()
-    output = open(log.name).read()
-    assert process.returncode == 0, output
+    status, output = _sigterm_when(path, overrides, "eval:")
+    assert status == 0, output
     assert "Preempted at step 2 during evaluation or sampling; checkpoint saved." in output
     assert latest_step(path) == 2
     assert not os.path.exists(os.path.join(path, "eval_step_2.json"))  # Not finished.
@@ -282,23 +285,9 @@ def test_sigterm_during_evaluation_saves_and_stops_between_batches(tmp_path):
 @pytest.mark.slow
 def test_sigterm_before_any_new_step_exits_without_writing(tmp_path):
     path = str(tmp_path)
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        main_command(path, "--config.training.num_steps=1000"),
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: "Starting at step 0" in open(log.name).read(), process, "the start")
-        process.send_signal(signal.SIGTERM)  # The first step is being compiled now.
-        process.wait(timeout=120)
-    finally:
-        process.kill()
-    output = open(log.name).read()
-    assert process.returncode == 0, output
+    # Signalled while the first step is being compiled.
+    status, output = _sigterm_when(path, {"training.num_steps": 1000}, "Starting at step 0")
+    assert status == 0, output
     assert "Preempted before a new step finished; nothing written." in output
     assert _steps(path) == [] and not os.path.exists(os.path.join(path, workdir.RECORD))
     assert not os.path.exists(os.path.join(path, "tensorboard"))
