@@ -5,8 +5,8 @@ The schedule enters only through :class:`ScheduleValues` (gamma at 0, at 1, at t
 times, and the diffusion weight), and the noise predictor is a plain function
 ``eps_fn(z_t, gamma_t) -> eps_hat``: any denoiser, an analytic one included, plugs in.
 
-Negative ELBO = prior + reconstruction + diffusion (Kingma et al. 2021, "Variational Diffusion
-Models", eqs. 8-17), where
+Negative ELBO = prior + reconstruction + diffusion (Kingma, Salimans, Poole, Ho, 2021,
+"Variational Diffusion Models"), where
 
 * prior: ``KL(q(z_1 | x) || N(0, I))``;
 * reconstruction: ``-log p(x | z_0)`` under the discretized decoder, one sample of z_0;
