@@ -571,7 +571,7 @@ class Prefetcher(Iterator[Any]):
         self._done = False
         if size == 0:
             self._source: Iterator[Any] | None = source
-            self._finalizer = weakref.finalize(self, lambda: None)
+            self._finalizer: weakref.finalize | None = None  # No thread to stop.
             return
         self._source = None
         self._items: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=size)
@@ -601,7 +601,8 @@ class Prefetcher(Iterator[Any]):
     def close(self) -> None:
         """Stops the background thread and waits for it (up to a few seconds)."""
         self._done = True
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
 
     def __enter__(self) -> Prefetcher:
         return self

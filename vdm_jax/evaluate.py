@@ -99,12 +99,12 @@ class Evaluator:
         self.method = eval_methods.EVAL_METHODS[exp.eval.method]
         replicated = sharding.replicated(exp.mesh)
         batch_sharding = sharding.batch_sharding(exp.mesh)
-        settings = dict(loss=exp.loss, settings=exp.eval)
+        context = dict(loss=exp.loss, settings=exp.eval)  # What every estimator reads.
 
         def step(params, batch, mask, key, prepared):
             gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
             estimate = self.method.estimate(
-                gamma_fn, eps_fn, batch["image"], key, prepared, **settings
+                gamma_fn, eps_fn, batch["image"], key, prepared, **context
             )
             declared = self.method.term_names(exp.eval)
             if set(estimate.terms) != set(declared):  # Checked once, when tracing.
@@ -124,7 +124,7 @@ class Evaluator:
 
             def prepare(params, batch, key):
                 gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
-                return self.method.prepare(gamma_fn, eps_fn, batch["image"], key, **settings)
+                return self.method.prepare(gamma_fn, eps_fn, batch["image"], key, **context)
 
             self.prepare = jax.jit(prepare, in_shardings=(replicated, batch_sharding, replicated))
 
