@@ -24,6 +24,11 @@ Fields:
     reference checkpoint.
   sample.*: number of samples, global batch, sampler steps, sampler and decoding (entries of
     :data:`vdm_jax.samplers.SAMPLERS` and :data:`vdm_jax.samplers.DECODERS`).
+  sharding.fsdp: over how many devices the train state (parameters, EMA, optimizer state)
+    is split (FSDP, :mod:`vdm_jax.sharding`); 1 replicates it (data parallelism), -1 splits
+    it over every device. It must divide the device count. Batches are always split over
+    every device.
+  sharding.min_shard_bytes: arrays smaller than this stay replicated.
 """
 
 from __future__ import annotations
@@ -116,4 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_steps = 1000
     config.sample.sampler = "ancestral"
     config.sample.decode = "argmax"
+
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.fsdp = 1
+    config.sharding.min_shard_bytes = 1 << 16
     return config

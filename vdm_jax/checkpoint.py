@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vdm_jax import reference, sharding, state
+from vdm_jax import reference, state
 from vdm_jax.experiment import Experiment
 from vdm_jax.state import TrainState
 
@@ -190,7 +190,7 @@ def restore_latest(
 
 
 def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
-    """``(EMA parameters, step)`` to evaluate or sample with, replicated over the mesh.
+    """``(EMA parameters, step)`` to evaluate or sample with, in the state's layout.
 
     From ``eval.reference_checkpoint`` when set (a released google-research/vdm checkpoint,
     whose architecture :func:`vdm_jax.experiment.build` already gave ``exp``), else from the
@@ -203,7 +203,8 @@ def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
     if path:
         restored = reference.restore_reference(path)
         logging.info("Evaluating reference checkpoint %s (step %d).", path, restored.step)
-        return jax.device_put(restored.ema_params, sharding.replicated(exp.mesh)), restored.step
+        stored = state.param_layout(exp).stored
+        return jax.device_put(restored.ema_params, stored), restored.step
     restored = restore_latest(workdir, state.abstract_train_state(exp))
     if restored is None:
         raise FileNotFoundError(

@@ -170,6 +170,17 @@ def validate(
         if num_devices % process_count:
             _divisible(problems, config, field, process_count, "processes")
 
+    # The state's layout: F devices per copy, F dividing the devices.
+    fsdp = config.sharding.fsdp
+    _check(
+        problems,
+        isinstance(fsdp, int) and (fsdp == -1 or (fsdp >= 1 and num_devices % fsdp == 0)),
+        f"config.sharding.fsdp={fsdp!r} must divide the {num_devices} devices (allowed: -1 "
+        f"(all), or one of {[d for d in range(1, num_devices + 1) if num_devices % d == 0]})",
+    )
+    _range(problems, config, "sharding.min_shard_bytes", lambda v: isinstance(v, int) and v >= 0,
+           "an integer >= 0")  # fmt: skip
+
     # Step counts and intervals.
     for field in (
         "training.num_steps",

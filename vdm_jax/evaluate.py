@@ -24,7 +24,16 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from vdm_jax import checkpoint, data, elbo_estimators, eval_methods, model, outputs, sharding
+from vdm_jax import (
+    checkpoint,
+    data,
+    elbo_estimators,
+    eval_methods,
+    model,
+    outputs,
+    sharding,
+    state,
+)
 from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
 from vdm_jax.preemption import Preemption
@@ -90,8 +99,9 @@ class Evaluator:
     """An experiment's estimator, jitted once: ``evaluator(params) -> EvalResult``.
 
     The per-batch program ``(params, batch, mask, key, prepared) -> (Estimate, mask)`` takes the
-    batch sharded over the mesh and returns everything replicated, so every host reads the
-    whole global batch; the method's ``prepare`` step is jitted alongside.
+    parameters in the state's layout (gathered inside), the batch sharded over the mesh, and
+    returns everything replicated, so every host reads the whole global batch; the method's
+    ``prepare`` step is jitted alongside.
     """
 
     def __init__(self, exp: Experiment):
@@ -99,9 +109,11 @@ class Evaluator:
         self.method = eval_methods.EVAL_METHODS[exp.eval.method]
         replicated = sharding.replicated(exp.mesh)
         batch_sharding = sharding.batch_sharding(exp.mesh)
+        layout = state.param_layout(exp)
         context = dict(loss=exp.loss, settings=exp.eval)  # What every estimator reads.
 
         def step(params, batch, mask, key, prepared):
+            params = layout.gather(params)
             gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
             estimate = self.method.estimate(
                 gamma_fn, eps_fn, batch["image"], key, prepared, **context
@@ -116,20 +128,23 @@ class Evaluator:
 
         self.step = jax.jit(
             step,
-            in_shardings=(replicated, batch_sharding, batch_sharding, replicated, replicated),
+            in_shardings=(layout.stored, batch_sharding, batch_sharding, replicated, replicated),
             out_shardings=replicated,
         )
         self.prepare = None
         if self.method.prepare is not None:
 
             def prepare(params, batch, key):
+                params = layout.gather(params)
                 gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
                 return self.method.prepare(gamma_fn, eps_fn, batch["image"], key, **context)
 
-            self.prepare = jax.jit(prepare, in_shardings=(replicated, batch_sharding, replicated))
+            self.prepare = jax.jit(
+                prepare, in_shardings=(layout.stored, batch_sharding, replicated)
+            )
 
     def __call__(self, params: Params, preemption: Preemption | None = None) -> EvalResult:
-        """Evaluates ``params`` (replicated over the mesh) over the whole eval split.
+        """Evaluates ``params`` (in the state's layout) over the whole eval split.
 
         Raises:
           Interrupted: if ``preemption`` is requested; it is checked between batches.

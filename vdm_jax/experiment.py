@@ -19,7 +19,15 @@ import ml_collections
 from jax.sharding import Mesh
 
 from vdm_jax import conditioning, config_validation, data, model, reference, sharding, specs
-from vdm_jax.specs import DataSpec, EvalSpec, ModelSpec, OptimizerSpec, SampleSpec, TrainingSpec
+from vdm_jax.specs import (
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    OptimizerSpec,
+    SampleSpec,
+    ShardingSpec,
+    TrainingSpec,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +38,8 @@ class Experiment:
       seed: one seed for initialisation, training, data order, eval and sampling.
       data: the data section.
       info: the dataset's facts (shape, K, classes, split sizes).
-      mesh: the device mesh (one ``"data"`` axis over every device of every host).
+      mesh: the device mesh ``("data", "fsdp")`` over every device of every host
+        (:func:`vdm_jax.sharding.make_mesh`).
       model: the model section, as given (the VDM is :attr:`vdm`).
       vdm: the schedule and score network.
       loss: what the objective needs (vocabulary, timesteps, time sampling, schedule grads).
@@ -39,6 +48,7 @@ class Experiment:
       training: the training section.
       eval: the eval section.
       sample: the sample section.
+      sharding: the sharding section (how the train state is laid out over the mesh).
     """
 
     seed: int
@@ -53,6 +63,7 @@ class Experiment:
     training: TrainingSpec
     eval: EvalSpec
     sample: SampleSpec
+    sharding: ShardingSpec
 
     @property
     def num_classes(self) -> int:
@@ -101,12 +112,14 @@ def build(
       config_validation.ConfigError: naming every invalid field, before any work.
     """
     config = with_reference_architecture(config)
-    mesh = sharding.make_mesh(devices)
+    devices = jax.devices() if devices is None else list(devices)
     if info is None:
         info = data.get_info(config.data.name, config.data.data_dir)
     config_validation.validate(
-        config, num_devices=mesh.size, process_count=jax.process_count(), info=info
+        config, num_devices=len(devices), process_count=jax.process_count(), info=info
     )
+    sharding_spec = specs.from_section(ShardingSpec, config.sharding)
+    mesh = sharding.make_mesh(devices, fsdp=sharding_spec.fsdp)
     model_spec = specs.from_section(ModelSpec, config.model)
     cond = conditioning.CONDITIONINGS[model_spec.conditioning]
     return Experiment(
@@ -127,4 +140,5 @@ def build(
         training=specs.from_section(TrainingSpec, config.training),
         eval=specs.from_section(EvalSpec, config.eval),
         sample=specs.from_section(SampleSpec, config.sample),
+        sharding=sharding_spec,
     )

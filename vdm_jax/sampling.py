@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm_jax import checkpoint, model, outputs, samplers, sharding
+from vdm_jax import checkpoint, model, outputs, samplers, sharding, state
 from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
 from vdm_jax.preemption import Preemption
@@ -22,13 +22,16 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
     """The jitted sampler ``(params, key) -> int32 [sample.batch_size, H, W, C]``.
 
     ``sample.sampler`` (:data:`vdm_jax.samplers.SAMPLERS`) for ``sample.num_steps`` steps,
-    then ``sample.decode``. The batch of latents is sharded over the mesh; the integer samples
-    come back replicated. Labels are the conditioning's ``sample_labels``.
+    then ``sample.decode``. The parameters come in the state's layout (gathered inside); the
+    batch of latents is sharded over the mesh; the integer samples come back replicated.
+    Labels are the conditioning's ``sample_labels``.
     """
     spec, batch_size = exp.sample, exp.sample.batch_size
     batch_spec = sharding.batch_sharding(exp.mesh)
+    layout = state.param_layout(exp)
 
     def sample_fn(params: Params, key: jax.Array) -> jax.Array:
+        params = layout.gather(params)
         label = None
         if exp.conditioning.conditional:
             label = exp.conditioning.sample_labels(batch_size, exp.num_classes)
@@ -49,7 +52,7 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
         )
 
     replicated = sharding.replicated(exp.mesh)
-    return jax.jit(sample_fn, in_shardings=(replicated, replicated), out_shardings=replicated)
+    return jax.jit(sample_fn, in_shardings=(layout.stored, replicated), out_shardings=replicated)
 
 
 def draw(

@@ -1,15 +1,24 @@
-"""The device mesh, the two shardings the runner uses, and joining a multi-host run.
+"""The device mesh, the shardings the runner uses, and joining a multi-host run.
 
-Data parallelism over one mesh axis, ``"data"``, that covers every device of every host:
-batches are split along their first dimension (:func:`batch_sharding`), parameters and
-optimizer state are replicated (:func:`replicated`). Each host reads only its own rows of a
-global batch (``vdm_jax.data``) and :func:`global_batch` assembles them into global arrays.
+The mesh has two axes, ``("data", "fsdp")``, that together cover every device of every host.
+Batches are split along their first dimension over both (:func:`batch_sharding`). The train
+state (parameters, EMA parameters, optimizer state) is either replicated (``sharding.fsdp=1``,
+plain data parallelism: the ``"fsdp"`` axis has size 1) or, with ``sharding.fsdp=F``, each
+of its large arrays is split over the ``F`` devices of the ``"fsdp"`` axis along one
+dimension that ``F`` divides (:func:`fsdp_spec`; fully sharded data parallelism, as in
+ZeRO-3: Rajbhandari et al. 2020, and big_vision's and MaxText's FSDP). A sharded step
+gathers the parameters it computes with (:meth:`ParamLayout.gather`) and reduce-scatters
+their gradients (:meth:`ParamLayout.shard`); XLA inserts the collectives. Each host reads only
+its own rows of a global batch (``vdm_jax.data``) and :func:`global_batch` assembles them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,6 +26,9 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# Batches are split over every device: the rows of the "data" axis, each over its "fsdp" row.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 # Environment variables whose presence (with more than one process) means a cluster launched
 # this process, so that `jax.distributed.initialize()` can find its peers by itself.
@@ -24,26 +36,105 @@ _CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _CLUSTER_ADDRESS_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device of every host).
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mesh:
+    """A mesh ``("data", "fsdp")`` of shape ``[N / F, F]`` over ``devices`` (default: every
+    device of every host), ``F = fsdp`` (``-1``: all ``N`` devices).
 
-    Devices are ordered by (process, id) so that host ``p``'s devices hold rows
-    ``[p b, (p + 1) b)`` of a global batch, the rows that ``vdm_jax.data`` gives host ``p``.
-    Tests pass a subset of the local devices to compare device counts in one process.
+    Devices are ordered by (process, id) and laid out row by row, so that host ``p``'s devices
+    hold rows ``[p b, (p + 1) b)`` of a global batch, the rows that ``vdm_jax.data`` gives
+    host ``p``. Tests pass a subset of the local devices to compare device counts in one
+    process.
+
+    Raises:
+      ValueError: if ``fsdp`` does not divide the number of devices.
     """
     devices = jax.devices() if devices is None else list(devices)
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    fsdp = len(devices) if fsdp == -1 else fsdp
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"sharding.fsdp={fsdp} does not divide the {len(devices)} devices")
+    grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array (parameters, optimizer state, metrics)."""
+    """Every device holds the whole array (metrics, keys, small or unsharded state)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split along the first (batch) dimension over the ``"data"`` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Split along the first (batch) dimension over every device (both mesh axes)."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def fsdp_spec(shape: Sequence[int], num_bytes: int, fsdp: int, min_bytes: int) -> PartitionSpec:
+    """Where one state array of ``shape`` (``num_bytes`` in all) is split over ``fsdp`` devices.
+
+    Along its largest dimension that ``fsdp`` divides (the last such, for ties: a conv
+    kernel ``[3, 3, C, C]`` splits its output channels); replicated when ``fsdp`` is 1, the
+    array has fewer than ``min_bytes`` bytes (gathering it would cost more than it saves),
+    or no dimension divides.
+    """
+    if fsdp == 1 or num_bytes < min_bytes:
+        return PartitionSpec()
+    divisible = [i for i, n in enumerate(shape) if n % fsdp == 0]
+    if not divisible:
+        return PartitionSpec()
+    axis = max(divisible, key=lambda i: (shape[i], i))
+    return PartitionSpec(*[FSDP_AXIS if i == axis else None for i in range(len(shape))])
+
+
+def state_shardings(shapes: Any, mesh: Mesh, min_bytes: int) -> Any:
+    """:func:`fsdp_spec` for every leaf of a pytree of arrays or ``jax.ShapeDtypeStruct`` s.
+
+    The rule depends only on each leaf's shape, so parameters, their EMA and Adam's moments
+    (which have the parameters' shapes) are split alike and update without communication.
+    """
+    fsdp = mesh.shape[FSDP_AXIS]
+
+    def leaf_sharding(x: Any) -> NamedSharding:
+        num_bytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        return NamedSharding(mesh, fsdp_spec(x.shape, num_bytes, fsdp, min_bytes))
+
+    return jax.tree.map(leaf_sharding, shapes)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """The largest bytes any one device holds of a pytree of sharded arrays (or
+    ``jax.ShapeDtypeStruct`` s with shardings): each leaf counts its shard."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """How a step moves parameters between their stored layout and the one it computes with.
+
+    Attributes:
+      stored: the parameters' shardings (a pytree of ``NamedSharding`` s): as the state
+        holds them, split over ``"fsdp"`` or replicated.
+      gathered: the same tree, every leaf replicated.
+    """
+
+    stored: Any
+    gathered: Any
+
+    @classmethod
+    def of(cls, stored: Any) -> ParamLayout:
+        """The layout of parameters stored with the shardings ``stored``."""
+        return cls(stored, jax.tree.map(lambda s: replicated(s.mesh), stored))
+
+    def gather(self, params: Any) -> Any:
+        """``params`` whole on every device (all-gathers; a no-op when replicated). Inside jit."""
+        return jax.lax.with_sharding_constraint(params, self.gathered)
+
+    def shard(self, tree: Any) -> Any:
+        """A tree shaped like the parameters (their gradients) in the stored layout: XLA turns
+        the sum of per-device gradients into a reduce-scatter. Inside jit."""
+        return jax.lax.with_sharding_constraint(tree, self.stored)
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -147,6 +147,19 @@ class SampleSpec:
     decode: str = may_change()
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardingSpec:
+    """``config.sharding``: over how many devices the train state is split (FSDP).
+
+    ``fsdp``: devices per copy of the state (1: replicated, plain data parallelism; -1:
+    every device); arrays smaller than ``min_shard_bytes`` stay replicated. A checkpoint
+    restores onto any layout, so both may change between runs of a workdir.
+    """
+
+    fsdp: int = may_change()
+    min_shard_bytes: int = may_change()
+
+
 SECTIONS: dict[str, type] = {
     "data": DataSpec,
     "model": ModelSpec,
@@ -154,6 +167,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingSpec,
     "eval": EvalSpec,
     "sample": SampleSpec,
+    "sharding": ShardingSpec,
 }
 _Spec = TypeVar("_Spec")
 

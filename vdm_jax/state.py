@@ -111,16 +111,34 @@ def _init_fn(exp: Experiment) -> Callable[[jax.Array], TrainState]:
     return init
 
 
+def _state_shapes(exp: Experiment) -> TrainState:
+    """Shapes and dtypes of the experiment's state, traced, not computed."""
+    return jax.eval_shape(_init_fn(exp), jax.random.PRNGKey(exp.seed))
+
+
+def state_shardings(exp: Experiment) -> TrainState:
+    """The state's layout over the mesh: each leaf's ``NamedSharding`` (``sharding.fsdp``:
+    large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.sharding.state_shardings`)."""
+    return sharding.state_shardings(_state_shapes(exp), exp.mesh, exp.sharding.min_shard_bytes)
+
+
+def param_layout(exp: Experiment) -> sharding.ParamLayout:
+    """How the parameters (and EMA parameters) are stored, and gathered to compute with."""
+    return sharding.ParamLayout.of(state_shardings(exp).params)
+
+
 def create_train_state(exp: Experiment) -> TrainState:
-    """A fresh state from the experiment's seed, created directly replicated over its mesh."""
+    """A fresh state from the experiment's seed, created directly in its layout over the mesh
+    (each device computes only its shards)."""
     init = _init_fn(exp)
-    return jax.jit(init, out_shardings=sharding.replicated(exp.mesh))(jax.random.PRNGKey(exp.seed))
+    return jax.jit(init, out_shardings=state_shardings(exp))(jax.random.PRNGKey(exp.seed))
 
 
 def abstract_train_state(exp: Experiment) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
-    shapes = jax.eval_shape(_init_fn(exp), jax.random.PRNGKey(exp.seed))
-    replicated = sharding.replicated(exp.mesh)
+    """Shapes, dtypes and shardings of the state, without computing it (what a checkpoint
+    is restored onto: any layout, whichever wrote it)."""
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        _state_shapes(exp),
+        state_shardings(exp),
     )

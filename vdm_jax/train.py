@@ -1,7 +1,8 @@
 """Training: the jitted step and the loop that logs, evaluates, samples and checkpoints.
 
 ``train_step(state, batch) -> (state, metrics)`` is pure; :func:`make_train_step` jits it
-over the mesh with the batch sharded, the state replicated and donated.
+over the mesh with the batch sharded, the state in its layout (replicated, or split over the
+``"fsdp"`` axis: :mod:`vdm_jax.sharding`) and donated.
 :func:`train_and_evaluate` runs it from the latest checkpoint of the workdir (or from
 scratch) to ``training.num_steps``. Nothing is scanned in chunks: every step returns
 to the host, so logging, evaluation and checkpoints can happen at any step.
@@ -68,6 +69,7 @@ def train_step(
     learning_rate: optax.Schedule,
     loss_cfg: model.LossConfig,
     ema_rate: float,
+    layout: sharding.ParamLayout,
 ) -> tuple[TrainState, Metrics]:
     """One AdamW update and EMA update; a non-finite loss or gradient leaves the state as is.
 
@@ -79,6 +81,8 @@ def train_step(
       learning_rate: its learning-rate schedule (for logging).
       loss_cfg: the objective's configuration.
       ema_rate: the EMA decay.
+      layout: the parameters' layout: the step computes with them gathered and keeps their
+        gradients (and so the update) in the stored layout.
 
     Returns:
       ``(new_state, metrics)``; metrics are scalars: ``bpd`` and each term (``bpd_prior``,
@@ -88,7 +92,9 @@ def train_step(
     """
     # The step's randomness depends only on (seed, step): not on devices or restarts.
     key = jax.random.fold_in(train_state.rng, train_state.step)
-    (loss, terms), grads = model.vdm_loss_and_grads(vdm, train_state.params, batch, key, loss_cfg)
+    params = layout.gather(train_state.params)
+    (loss, terms), grads = model.vdm_loss_and_grads(vdm, params, batch, key, loss_cfg)
+    grads = layout.shard(grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -106,7 +112,7 @@ def train_step(
     # buffer and cost ~6% of a CIFAR-10 step on CPU; the branch updates them in place.
     new_state = jax.lax.cond(finite, apply_update, lambda old: old, train_state)
 
-    gamma, _ = model.inference_fns(vdm, train_state.params)
+    gamma, _ = model.inference_fns(vdm, params)
 
     step_metrics = {
         "bpd": loss,
@@ -121,7 +127,9 @@ def train_step(
 
 
 def make_train_step(exp: Experiment) -> TrainStepFn:
-    """:func:`train_step` jitted over the mesh: batch sharded, state replicated and donated."""
+    """:func:`train_step` jitted over the mesh: batch sharded, state in its layout
+    (:func:`vdm_jax.state.state_shardings`) and donated."""
+    state_shardings = state.state_shardings(exp)
     step = functools.partial(
         train_step,
         vdm=exp.vdm,
@@ -129,12 +137,12 @@ def make_train_step(exp: Experiment) -> TrainStepFn:
         learning_rate=state.learning_rate_schedule(exp.optimizer),
         loss_cfg=exp.loss,
         ema_rate=exp.optimizer.ema_rate,
+        layout=sharding.ParamLayout.of(state_shardings.params),
     )
-    replicated = sharding.replicated(exp.mesh)
     return jax.jit(
         step,
-        in_shardings=(replicated, sharding.batch_sharding(exp.mesh)),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_shardings, sharding.batch_sharding(exp.mesh)),
+        out_shardings=(state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )
 
@@ -173,18 +181,21 @@ def make_save_check(exp: Experiment) -> Callable[[TrainState, dict[str, jax.Arra
     loss of the state *before* its update; this checks the state the update produced.
     """
 
+    state_shardings = state.state_shardings(exp)
+    layout = sharding.ParamLayout.of(state_shardings.params)
+
     def finite(train_state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
         key = jax.random.fold_in(train_state.rng, train_state.step)
-        terms = model.vdm_terms(exp.vdm, train_state.params, batch, key, exp.loss)
+        params = layout.gather(train_state.params)
+        terms = model.vdm_terms(exp.vdm, params, batch, key, exp.loss)
         leaves = jax.tree.leaves((train_state.params, train_state.ema_params))
         finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
         return jnp.isfinite(jnp.mean(sum(terms.values()))) & finite_params
 
-    replicated = sharding.replicated(exp.mesh)
     return jax.jit(
         finite,
-        in_shardings=(replicated, sharding.batch_sharding(exp.mesh)),
-        out_shardings=replicated,
+        in_shardings=(state_shardings, sharding.batch_sharding(exp.mesh)),
+        out_shardings=sharding.replicated(exp.mesh),
     )
 
 
