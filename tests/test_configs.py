@@ -119,6 +119,9 @@ def test_command_line_overrides():
         ({"model.conditioning": "class"}, r"config\.model\.conditioning='class'.*'augmentation'"),
         ({"model.conditioning": "augmentation"}, r"conditioning='augmentation' does not fit"),
         ({"data.augment": True, "model.conditioning": "label"}, r"conditioning='label' does not"),
+        ({"sharding.fsdp": 3}, r"config\.sharding\.fsdp=3 must divide the 8 devices .*1, 2, 4, 8"),
+        ({"sharding.fsdp": 0}, r"config\.sharding\.fsdp=0 must divide"),
+        ({"sharding.min_shard_bytes": -1}, r"config\.sharding\.min_shard_bytes=-1"),
     ],
 )
 def test_bad_values_are_named(overrides, message):

@@ -1,4 +1,5 @@
-"""Two processes over 127.0.0.1 (2 CPU devices each) agree with one process."""
+"""Two processes over 127.0.0.1 (2 CPU devices each) agree with one process, with the train
+state replicated or split over both hosts' devices."""
 
 from __future__ import annotations
 
@@ -34,10 +35,17 @@ def _start(workdir: str, num_devices: int, *flags: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_two_processes_match_one_process(tmp_path, fsdp):
+    """fsdp=4: every array of the state split over the 4 devices of the 2 hosts, saved and
+    evaluated from both; against one process with the state replicated."""
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     address = f"127.0.0.1:{free_port()}"
-    joined = ("--num_processes=2", f"--coordinator_address={address}")
+    joined = (
+        "--num_processes=2",
+        f"--coordinator_address={address}",
+        *flag_overrides(**{"sharding.fsdp": fsdp, "sharding.min_shard_bytes": 0}),
+    )
     processes = [
         _start(multi, 2, *joined, "--process_id=0"),
         _start(multi, 2, *joined, "--process_id=1"),
@@ -53,7 +61,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert "Process 1 of 2; 2 local and 4 global devices" in outputs[1]
 
     config = tiny_config(**OVERRIDES)
-    assert_trees_close(restore(config, multi), restore(config, single), rtol=1e-5, atol=1e-6)
+    # Split, the gradients are summed in another order; Adam amplifies that in tiny moments.
+    tolerance = dict(rtol=1e-5, atol=1e-6) if fsdp == 1 else dict(rtol=1e-4, atol=1e-5)
+    assert_trees_close(restore(config, multi), restore(config, single), **tolerance)
     with open(os.path.join(multi, "eval_step_3.json")) as f:
         multi_eval = json.load(f)
     with open(os.path.join(single, "eval_step_3.json")) as f:
