@@ -7,6 +7,7 @@ counts agree with each other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -116,6 +117,7 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
 def test_memory_only_compiles_without_running():
     # The training step of the test above, on abstract inputs: a compilation-cache hit.
     config = test_config.get_config()
+    config.sharding.min_shard_bytes = 0
     opts = options.make_options(batch_sizes=[8], memory_only=True, device_counts=[2])
     result = sweep.run(config, opts)
     (rec,) = result["results"]
@@ -127,7 +129,42 @@ def test_memory_only_compiles_without_running():
     assert 4 * 4 * rec["num_params"] <= est["train_state_bytes"] <= 4 * 4 * rec["num_params"] + 64
     assert est["gradient_bytes"] == 4 * rec["num_params"]
     assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
+    assert est["gathered_param_bytes"] == 0  # Replicated: the state's own copy is used.
+    assert rec["state_bytes_per_device"] == est["train_state_bytes"]
+    # The same step with the state split over both devices (min_shard_bytes=0: every array
+    # with an even dimension): half the state each, plus the gathered parameters.
+    layouts = rec["memory"]["residual_estimate_per_device_by_layout"]
+    assert layouts["replicated"] == est
+    split = layouts["fsdp"]
+    assert (
+        est["train_state_bytes"] / 2 <= split["train_state_bytes"] < 0.51 * est["train_state_bytes"]
+    )
+    assert 0.98 * est["gradient_bytes"] < split["gathered_param_bytes"] <= est["gradient_bytes"]
+    for k in ("gradient_bytes", "saved_activation_bytes"):
+        assert split[k] == est[k], k
     json.dumps(result)  # JSON-able as is.
+
+
+def test_widest_fitting_width_fits_and_the_next_does_not():
+    config = test_config.get_config()
+    config.sharding.min_shard_bytes = 0
+    exp = experiment.build(config, jax.devices()[:4], info=sweep.dataset_info(config))
+    budget = 40 * 2**20
+    fits = memory.widest_fitting(exp, 8, budget)
+    assert fits["fsdp"].channels > fits["replicated"].channels  # Splitting fits a wider net.
+
+    def total(layout: str, channels: int) -> int:
+        spec = dataclasses.replace(exp.model, channels=channels)
+        wide = exp.replace(model=spec, vdm=spec.build(exp.num_classes))
+        shapes = state.state_shapes(wide)
+        activations = memory.saved_activation_bytes(
+            wide, shapes.params, parts.abstract_batch(wide, 8)
+        )
+        return memory.layout_estimates(wide, shapes, activations)[layout].total_bytes
+
+    for layout, fit in fits.items():
+        assert fit.estimate.total_bytes == total(layout, fit.channels) <= budget
+        assert total(layout, fit.channels + memory.WIDTH_STEP) > budget
 
 
 def test_saved_activations_are_linear_in_the_batch_and_shrink_with_remat_and_bfloat16():

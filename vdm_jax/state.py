@@ -111,15 +111,20 @@ def _init_fn(exp: Experiment) -> Callable[[jax.Array], TrainState]:
     return init
 
 
-def _state_shapes(exp: Experiment) -> TrainState:
-    """Shapes and dtypes of the experiment's state, traced, not computed."""
+def state_shapes(exp: Experiment) -> TrainState:
+    """Shapes and dtypes of the experiment's state (``jax.ShapeDtypeStruct`` s), traced, not
+    computed."""
     return jax.eval_shape(_init_fn(exp), jax.random.PRNGKey(exp.seed))
 
 
-def state_shardings(exp: Experiment) -> TrainState:
+def state_shardings(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
     """The state's layout over the mesh: each leaf's ``NamedSharding`` (``sharding.fsdp``:
-    large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.sharding.state_shardings`)."""
-    return sharding.state_shardings(_state_shapes(exp), exp.mesh, exp.sharding.min_shard_bytes)
+    large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.sharding.state_shardings`).
+
+    ``shapes``: :func:`state_shapes`, if already traced.
+    """
+    shapes = state_shapes(exp) if shapes is None else shapes
+    return sharding.state_shardings(shapes, exp.mesh, exp.sharding.min_shard_bytes)
 
 
 def param_layout(exp: Experiment) -> sharding.ParamLayout:
@@ -137,8 +142,9 @@ def create_train_state(exp: Experiment) -> TrainState:
 def abstract_train_state(exp: Experiment) -> TrainState:
     """Shapes, dtypes and shardings of the state, without computing it (what a checkpoint
     is restored onto: any layout, whichever wrote it)."""
+    shapes = state_shapes(exp)
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        _state_shapes(exp),
-        state_shardings(exp),
+        shapes,
+        state_shardings(exp, shapes),
     )

@@ -8,7 +8,8 @@ of ``--batch_sizes`` and each device count of ``--device_counts``, the experimen
 (``vdm_jax.experiment.build``) with that batch size for training, eval and sampling:
 
 * ``train``: the runner's own jitted step (``train.make_train_step``: batch sharded, state
-  replicated and donated), on a fixed random batch (data loading is not timed);
+  in the layout ``config.sharding`` sets, donated), on a fixed random batch (data loading
+  is not timed);
 * ``eval``: the runner's per-batch eval program (``evaluate.Evaluator(exp).step``, as
   ``config.eval`` sets it: by default the ELBO with ``eval.num_time_samples`` network
   evaluations per image) on the EMA parameters; a method's ``prepare`` step (the importance
@@ -62,9 +63,18 @@ ImageNet 64x64 model at batch 64::
 Run it on the backend whose memory matters: XLA:CPU's estimate does not shrink with
 ``model.remat`` or ``model.dtype=bfloat16`` (its scheduler keeps rematerialised activations
 live, and it computes bfloat16 in float32), while GPU and TPU compilers do. Next to it,
-``residual_estimate_per_device`` ("est MiB") is backend-independent: the train state, one
-copy of the gradients, and the activations the backward pass keeps (the residuals of
-``jax.vjp``, read off the traced program, which ``remat`` and ``bfloat16`` do shrink).
+``residual_estimate_per_device`` ("est MiB") is backend-independent: the device's part of
+the train state, the whole parameters a split state gathers, one copy of the gradients, and
+the activations the backward pass keeps (the residuals of ``jax.vjp``, read off the traced
+program, which ``remat`` and ``bfloat16`` do shrink). It is reported for the run's layout
+and, under ``residual_estimate_per_device_by_layout`` ("split est MiB" in the table), for the
+state replicated and split over every device (``sharding.fsdp=-1``); ``state_bytes_per_device``
+is the run's. ``--fit_device_bytes=80e9`` adds, per layout, the widest U-Net
+(``model.channels``, the config's depth, batch, dtype and remat) whose estimate fits 80 GB
+per device::
+
+  python -m experiments.benchmark --config=configs/imagenet64.py --batch_sizes=64 \
+      --device_counts=8 --memory_only --fit_device_bytes=80e9 --json=/tmp/imagenet64_fit.json
 
 Modules: ``harness`` (model-agnostic compiling, timing, memory probes and the ratio to a
 baseline part), ``parts`` (one builder per part, :data:`parts.PARTS`), ``memory`` (the

@@ -44,6 +44,12 @@ def define_flags() -> None:
     flags.DEFINE_boolean(
         "memory_only", False, "Only compile the train step on abstract inputs: memory and FLOPs."
     )
+    flags.DEFINE_float(
+        "fit_device_bytes",
+        0.0,
+        "With --memory_only: also find the widest U-Net (model.channels) whose estimate fits "
+        "this many bytes per device, replicated and split (e.g. 80e9).",
+    )
     flags.DEFINE_integer(
         "conv_stack_depth", 0, "3x3 convs in the baseline stack (0: match the model's conv FLOPs)."
     )
@@ -75,6 +81,7 @@ def _options_from_flags() -> options.Options:
         device_count_mode=FLAGS.device_count_mode,
         parts=list(FLAGS.parts),
         memory_only=FLAGS.memory_only,
+        fit_device_bytes=FLAGS.fit_device_bytes,
         conv_stack_depth=FLAGS.conv_stack_depth,
         sample_steps=FLAGS.sample_steps,
         profile_dir=FLAGS.profile_dir,

@@ -23,6 +23,8 @@ class Options:
       device_count_mode: one of :data:`DEVICE_COUNT_MODES`.
       parts: what to measure, of :data:`experiments.benchmark.parts.PARTS`.
       memory_only: only compile the train step on abstract inputs (memory and FLOPs).
+      fit_device_bytes: with ``memory_only``, also the widest U-Net whose estimate fits this
+        many bytes per device (0: not searched).
       conv_stack_depth: 3x3 convs in the baseline stack (0: match the model's conv FLOPs).
       sample_steps: sampler steps per timed call.
       profile_dir: where to write a profiler trace of the first batch size (None: none).
@@ -38,6 +40,7 @@ class Options:
     device_count_mode: str = "auto"
     parts: tuple[str, ...] = tuple(PARTS)
     memory_only: bool = False
+    fit_device_bytes: float = 0.0
     conv_stack_depth: int = 0
     sample_steps: int = 1
     profile_dir: str | None = None
@@ -50,6 +53,8 @@ class Options:
             raise ValueError(f"device_count_mode must be one of {DEVICE_COUNT_MODES}")
         if self.steps < 1 or self.warmup < 1 or self.sample_steps < 1:
             raise ValueError("need steps >= 1, warmup >= 1 and sample_steps >= 1")
+        if self.fit_device_bytes < 0 or (self.fit_device_bytes and not self.memory_only):
+            raise ValueError("fit_device_bytes must be >= 0, and needs memory_only")
 
     def to_json(self) -> dict[str, Any]:
         """The options as a JSON-able dict (lists for the sequences)."""

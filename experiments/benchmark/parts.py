@@ -183,7 +183,7 @@ def _prepare(
 def train_part(
     exp: Experiment, batch_size: int, options: Options, context: Context
 ) -> harness.Part:
-    """The runner's train step (batch sharded, state replicated and donated)."""
+    """The runner's train step (batch sharded, state in its layout and donated)."""
     del options
     batch = random_batch(exp, batch_size, train=True)
 

@@ -29,7 +29,7 @@ FLOP_COUNTING = (
 _MIB = 2**20
 _COLUMNS = (
     "part", "dev", "batch", "compile s", "s/step", "[p25, p75]", "img/s", "GFLOP/step",
-    "GFLOP/s", "vs conv", "cpu/wall", "peak MiB", "XLA MiB", "est MiB",
+    "GFLOP/s", "vs conv", "cpu/wall", "peak MiB", "XLA MiB", "est MiB", "split est MiB",
 )  # fmt: skip
 _LEGEND = (
     "s/step: median over the timed steps; img/s at the median. GFLOP: analytic "
@@ -38,8 +38,9 @@ _LEGEND = (
     "cpu/wall: this process's CPU seconds per wall second while stepping (about the "
     "core count when it had the host to itself). "
     "XLA MiB: compiled.memory_analysis() per device (arguments + outputs - aliased + "
-    "temporaries). est MiB (--memory_only): train state + gradients + saved "
-    "activations per device, from the traced program. peak MiB: "
+    "temporaries). est MiB (--memory_only): the device's train state + gathered "
+    "parameters + gradients + saved activations, from the traced program, in the run's "
+    "layout; split est MiB: the same with the state split over every device. peak MiB: "
 )
 
 
@@ -93,6 +94,24 @@ def _row(r: dict[str, Any]) -> list[str]:
         _fmt(mem.get("peak_bytes"), ".0f", _MIB),
         _fmt(mem.get("memory_analysis_per_device", {}).get("total_bytes"), ".0f", _MIB),
         _fmt(mem.get("residual_estimate_per_device", {}).get("total_bytes"), ".0f", _MIB),
+        _fmt(
+            mem.get("residual_estimate_per_device_by_layout", {})
+            .get("fsdp", {})
+            .get("total_bytes"),
+            ".0f",
+            _MIB,
+        ),
+    ]
+
+
+def _fit_lines(r: dict[str, Any]) -> list[str]:
+    """The ``--fit_device_bytes`` result of a record, one line per layout."""
+    fits = r.get("memory", {}).get("widest_fitting", {})
+    return [
+        f"widest fitting ({layout}, {r['num_devices']} devices, batch {r['batch_size']}): "
+        f"{fit['channels']} channels, {fit['num_params'] / 1e6:.1f}M parameters, "
+        f"est {fit['residual_estimate_per_device']['total_bytes'] / 2**30:.1f} GiB per device"
+        for layout, fit in fits.items()
     ]
 
 
@@ -128,12 +147,13 @@ def format_table(report: dict[str, Any]) -> str:
     """The results as a fixed-width text table, with a line on what the columns mean."""
     results = report["results"]
     errors = [_error_line(r) for r in results if r["part"] == "error"]
+    fits = [line for r in results for line in _fit_lines(r)]
     rows = [list(_COLUMNS)] + [_row(r) for r in results if r["part"] != "error"]
     header, *body = _aligned(rows)
     sources = {r["memory"]["peak_source"] for r in results if "peak_source" in r.get("memory", {})}
     legend = _LEGEND + ("; ".join(sorted(sources)) or "not measured") + "."
     return "\n".join(
-        [_heading(report["environment"]), header, "-" * len(header), *body, *errors, legend]
+        [_heading(report["environment"]), header, "-" * len(header), *body, *fits, *errors, legend]
     )
 
 

@@ -122,7 +122,8 @@ def run_on_mesh(
         try:
             exp = build_experiment(config, batch_size, devices, info)
             if options.memory_only:
-                records.append(memory.memory_only_point(exp, placement))
+                point = memory.memory_only_point(exp, placement, options.fit_device_bytes)
+                records.append(point)
             else:
                 if context is None:
                     context = parts.Context.create(exp)
