@@ -7,7 +7,9 @@ Launch on a multi-host GPU/TPU cluster (TFDS ``downsampled_imagenet/64x64`` prep
 
 Expect about 3.40 validation bpd after a paper-length run (no public checkpoint). The U-Net
 has 64 blocks of 256 channels (237.6M parameters), no dropout; bfloat16 compute and
-rematerialisation keep its activations in memory at 64x64.
+rematerialisation keep its activations in memory at 64x64. The train state (3.5 GiB) is
+replicated; ``--config.sharding.fsdp=-1`` splits it over every device (README: memory per
+device either way, and the widest U-Net that fits an 80 GB device).
 """
 
 from __future__ import annotations

@@ -3,11 +3,21 @@ never what training computes. Eight simulated CPU devices (``conftest.py``)."""
 
 from __future__ import annotations
 
+import subprocess
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from runner_helpers import assert_trees_close, restore, tiny_config, train_run
+from runner_helpers import (
+    REPO,
+    assert_trees_close,
+    flag_overrides,
+    main_command,
+    restore,
+    subprocess_env,
+    tiny_config,
+)
 
 from configs import cifar10
 from vdm_jax import data, evaluate, experiment, sampling, sharding, state, train
@@ -128,19 +138,39 @@ def test_fully_sharded_state_trains_evaluates_and_samples_as_replicated(batches)
     assert np.mean(sharded[3] != replicated[3]) < 0.01
 
 
+def _train(workdir: str, num_devices: int, **overrides: object) -> subprocess.Popen:
+    """``--mode=train`` of the tiny config in a child with ``num_devices`` CPU devices."""
+    flags = flag_overrides(**{**NO_EVAL, "sharding.min_shard_bytes": 0, **overrides})
+    return subprocess.Popen(
+        main_command(workdir, *flags),
+        cwd=REPO,
+        env=subprocess_env(num_devices=num_devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(*processes: subprocess.Popen) -> list[str]:
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out
+    return outputs
+
+
 @pytest.mark.slow
 def test_resume_onto_a_different_mesh_continues_the_same_run(tmp_path):
-    """Steps 1-2 fully sharded over 8 devices, 3-4 on a 2x2 mesh of 4 devices: the state of
-    a straight replicated run on one device, and the checkpoint restores onto any layout."""
+    """Steps 1-2 with the state split over 8 devices, 3-4 on a 2x2 mesh of 4 devices: the
+    state of a straight replicated run on one device (the checkpoint restores onto any
+    layout and device count)."""
     moved, straight = str(tmp_path / "moved"), str(tmp_path / "straight")
-    overrides = {**NO_EVAL, "sharding.min_shard_bytes": 0}
-    train_run(tiny_config(**overrides, **{"training.num_steps": 2, "sharding.fsdp": 8}), moved)
-    resumed = train_run(tiny_config(**overrides, **{"sharding.fsdp": 2}), moved, jax.devices()[:4])
-    assert dict(resumed.params["score_net"]["conv_in"]["kernel"].sharding.mesh.shape) == {
-        "data": 2,
-        "fsdp": 2,
-    }
-    train_run(tiny_config(**overrides), straight, jax.devices()[:1])
-    config = tiny_config(**overrides)
-    # restore() lays the checkpoint out on one device; the runs wrote it from 4 and 1.
+    _finish(
+        _train(moved, 8, **{"training.num_steps": 2, "sharding.fsdp": 8}),
+        _train(straight, 1),
+    )
+    (resumed,) = _finish(_train(moved, 4, **{"sharding.fsdp": 2}))
+    assert "Starting at step 2 of 4" in resumed
+    assert "on mesh {'data': 2, 'fsdp': 2}" in resumed
+    config = tiny_config()
+    # restore() lays each checkpoint out on one device; they were written from 4 and 1.
     assert_trees_close(restore(config, moved), restore(config, straight), rtol=1e-4, atol=1e-5)

@@ -234,6 +234,12 @@ def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> Tra
     workdir_lib.check_config_record(exp, workdir)
     abstract = state.abstract_train_state(exp)
     workdir_lib.check_free_space(workdir, state.num_bytes(abstract))
+    logging.info(
+        "Train state: %.2f MiB per device of %.2f MiB on mesh %s.",
+        sharding.bytes_per_device(abstract) / 2**20,
+        state.num_bytes(abstract) / 2**20,
+        dict(exp.mesh.shape),
+    )
     # Created first: every process creates it in step, before anyone looks at the folder.
     manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
     train_state = checkpoint.restore_latest(workdir, abstract, set_aside=True)
