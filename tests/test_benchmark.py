@@ -18,7 +18,7 @@ import pytest
 from runner_helpers import tiny_config  # noqa: F401 (sets up the shared compilation cache)
 
 from configs import test as test_config
-from experiments.benchmark import memory, options, parts, report, sweep
+from experiments.benchmark import harness, memory, options, parts, report, sweep
 from vdm_jax import experiment, flops, state, unet
 
 PART_KEYS = {"part", "batch_size", "num_devices", "compile_s", "step_s", "images_per_s",
@@ -76,7 +76,9 @@ def _check_record(rec):
 @pytest.mark.slow
 def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     config = test_config.get_config()
-    opts = options.make_options(steps=2, warmup=1, batch_sizes=[8], device_counts=[2])
+    opts = options.make_options(
+        steps=2, warmup=1, batch_sizes=[8], device_counts=[2], peak_flops=1e12
+    )
     result = sweep.run(config, opts)  # In-process: the first 2 of 8 simulated devices.
     path = tmp_path / "bench.json"
     report.write_json(result, str(path))
@@ -92,6 +94,9 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     for rec in records.values():
         _check_record(rec)
         assert rec["batch_size"] == 8 and rec["num_devices"] == 2
+        # Against --peak_flops=1e12 per device, summed over the 2 devices.
+        mfu = rec["flops_per_s"]["analytic"] / 2e12
+        assert rec["model_flops_utilization"] == pytest.approx(mfu)
     net = experiment.build(config, info=sweep.dataset_info(config)).vdm.score_net
     forward = flops.unet_forward_flops(net, 8, (8, 8, 1))
     assert records["train"]["flops"]["analytic"] == pytest.approx(3 * forward)
@@ -203,6 +208,18 @@ def test_child_command_line_replaces_the_sweep_flags():
     env = sweep._child_env(4)
     assert env["XLA_FLAGS"].count("--xla_force_host_platform_device_count") == 1
     assert env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
+
+
+def test_model_flop_utilization_is_against_the_chips_bfloat16_peak():
+    assert harness.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert harness.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert harness.peak_bf16_flops("TPU v5 lite") == 197e12
+    assert harness.peak_bf16_flops("TPU v5") == 459e12
+    assert harness.peak_bf16_flops("cpu") is None
+    h200 = harness.Placement(128, 4, "NVIDIA H200", "gpu", harness.peak_bf16_flops("NVIDIA H200"))
+    assert h200.utilization(0.45 * 4 * 989e12) == pytest.approx(0.45)
+    cpu = harness.Placement(128, 1, "cpu", "cpu")
+    assert cpu.utilization(1e11) is None  # No peak known: not reported.
 
 
 def test_options_are_checked():

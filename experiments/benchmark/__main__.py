@@ -50,6 +50,12 @@ def define_flags() -> None:
         "With --memory_only: also find the widest U-Net (model.channels) whose estimate fits "
         "this many bytes per device, replicated and split (e.g. 80e9).",
     )
+    flags.DEFINE_float(
+        "peak_flops",
+        0.0,
+        "One device's peak FLOP/s for the model-FLOP utilisation column (default: the chip's "
+        "dense bfloat16 peak where the device kind is known, e.g. H100, A100, TPU v4/v5/v6).",
+    )
     flags.DEFINE_integer(
         "conv_stack_depth", 0, "3x3 convs in the baseline stack (0: match the model's conv FLOPs)."
     )
@@ -82,6 +88,7 @@ def _options_from_flags() -> options.Options:
         parts=list(FLAGS.parts),
         memory_only=FLAGS.memory_only,
         fit_device_bytes=FLAGS.fit_device_bytes,
+        peak_flops=FLAGS.peak_flops,
         conv_stack_depth=FLAGS.conv_stack_depth,
         sample_steps=FLAGS.sample_steps,
         profile_dir=FLAGS.profile_dir,

@@ -30,6 +30,24 @@ JaxprFlopCounter = Callable[[Any], float]
 Runner = Callable[[Any], Callable[[], Any]]
 _COUNTED_FLOPS = ("analytic", "xla")  # The counts the ratio to the baseline is taken for.
 
+# Dense bfloat16 peak FLOP/s of one chip, by a substring of ``device.device_kind`` (first
+# match wins; the vendors' data sheets, without sparsity).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+)
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """One chip's dense bfloat16 peak FLOP/s from :data:`PEAK_BF16_FLOPS` (None: unknown)."""
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in device_kind), None)
+
 
 class MemoryProbe:
     """Peak memory over an interval: device peak where reported, else process peak RSS.
@@ -430,15 +448,27 @@ def time_parts(
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where and at which batch size a result was measured."""
+    """Where and at which batch size a result was measured.
+
+    Attributes:
+      peak_flops_per_device: the chip's peak FLOP/s that model-FLOP utilisation is taken
+        against (None: unknown, not reported).
+    """
 
     batch_size: int
     num_devices: int
     device_kind: str
     platform: str
+    peak_flops_per_device: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def utilization(self, flops_per_s: float | None) -> float | None:
+        """Model-FLOP utilisation: ``flops_per_s`` over the devices' summed peak."""
+        if not flops_per_s or not self.peak_flops_per_device:
+            return None
+        return flops_per_s / (self.peak_flops_per_device * self.num_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +539,7 @@ class PartResult:
         """The result's JSON record (the report's ``results`` entries)."""
         median = self.timing.step_s.median
         memory = {**self.compilation.xla.memory_json(), **dataclasses.asdict(self.timing.memory)}
+        flops_per_s = self.compilation.flops.per_second(median)
         return {
             "part": self.part,
             **self.placement.to_json(),
@@ -517,7 +548,9 @@ class PartResult:
             "step_s": self.timing.step_s.to_json(),
             "process_cpu_per_wall": self.timing.process_cpu_per_wall,
             "images_per_s": self.images_per_step / median,
-            "flops_per_s": self.compilation.flops.per_second(median),
+            "flops_per_s": flops_per_s,
+            # The analytic (model) FLOPs: rematerialised forwards do not count.
+            "model_flops_utilization": self.placement.utilization(flops_per_s.get("analytic")),
             **(self.ratio.to_json() if self.ratio is not None else {}),
             **(dataclasses.asdict(self.details) if self.details is not None else {}),
         }

@@ -25,6 +25,8 @@ class Options:
       memory_only: only compile the train step on abstract inputs (memory and FLOPs).
       fit_device_bytes: with ``memory_only``, also the widest U-Net whose estimate fits this
         many bytes per device (0: not searched).
+      peak_flops: one device's peak FLOP/s for model-FLOP utilisation (0: the chip's dense
+        bfloat16 peak from :data:`experiments.benchmark.harness.PEAK_BF16_FLOPS`, if known).
       conv_stack_depth: 3x3 convs in the baseline stack (0: match the model's conv FLOPs).
       sample_steps: sampler steps per timed call.
       profile_dir: where to write a profiler trace of the first batch size (None: none).
@@ -41,6 +43,7 @@ class Options:
     parts: tuple[str, ...] = tuple(PARTS)
     memory_only: bool = False
     fit_device_bytes: float = 0.0
+    peak_flops: float = 0.0
     conv_stack_depth: int = 0
     sample_steps: int = 1
     profile_dir: str | None = None
@@ -53,6 +56,8 @@ class Options:
             raise ValueError(f"device_count_mode must be one of {DEVICE_COUNT_MODES}")
         if self.steps < 1 or self.warmup < 1 or self.sample_steps < 1:
             raise ValueError("need steps >= 1, warmup >= 1 and sample_steps >= 1")
+        if self.peak_flops < 0:
+            raise ValueError("peak_flops must be >= 0 (0: from the device kind)")
         if self.fit_device_bytes < 0 or (self.fit_device_bytes and not self.memory_only):
             raise ValueError("fit_device_bytes must be >= 0, and needs memory_only")
 

@@ -29,12 +29,14 @@ FLOP_COUNTING = (
 _MIB = 2**20
 _COLUMNS = (
     "part", "dev", "batch", "compile s", "s/step", "[p25, p75]", "img/s", "GFLOP/step",
-    "GFLOP/s", "vs conv", "cpu/wall", "peak MiB", "XLA MiB", "est MiB", "split est MiB",
+    "GFLOP/s", "MFU", "vs conv", "cpu/wall", "peak MiB", "XLA MiB", "est MiB", "split est MiB",
 )  # fmt: skip
 _LEGEND = (
     "s/step: median over the timed steps; img/s at the median. GFLOP: analytic "
-    "conv/matmul count (train = 3x forward). vs conv: analytic FLOP/s over the conv "
-    "stack's (its depth in parentheses) within each round, median over rounds. "
+    "conv/matmul count (train = 3x forward). MFU: analytic FLOP/s over the devices' peak "
+    "(--peak_flops, or the chip's dense bfloat16 peak where known). vs conv: analytic "
+    "FLOP/s over the conv stack's (its depth in parentheses) within each round, median "
+    "over rounds. "
     "cpu/wall: this process's CPU seconds per wall second while stepping (about the "
     "core count when it had the host to itself). "
     "XLA MiB: compiled.memory_analysis() per device (arguments + outputs - aliased + "
@@ -89,6 +91,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         _fmt(r.get("images_per_s"), ".4g"),
         _fmt(r["flops"].get("analytic") or None, ".4g", 1e9),
         _fmt(r.get("flops_per_s", {}).get("analytic"), ".4g", 1e9),
+        _fmt(r.get("model_flops_utilization"), ".1%"),
         _fmt(r.get("ratio_vs_conv_stack", {}).get("analytic"), ".3f"),
         _fmt(r.get("process_cpu_per_wall"), ".2f"),
         _fmt(mem.get("peak_bytes"), ".0f", _MIB),

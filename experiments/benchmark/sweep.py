@@ -118,7 +118,13 @@ def run_on_mesh(
     records: list[Record] = []
     for batch_size in options.batch_sizes or (config.training.batch_size,):
         device = devices[0]
-        placement = harness.Placement(batch_size, len(devices), device.device_kind, device.platform)
+        placement = harness.Placement(
+            batch_size,
+            len(devices),
+            device.device_kind,
+            device.platform,
+            options.peak_flops or harness.peak_bf16_flops(device.device_kind),
+        )
         try:
             exp = build_experiment(config, batch_size, devices, info)
             if options.memory_only:
