@@ -7,9 +7,10 @@ plain data parallelism: the ``"fsdp"`` axis has size 1) or, with ``sharding.fsdp
 of its large arrays is split over the ``F`` devices of the ``"fsdp"`` axis along one
 dimension that ``F`` divides (:func:`fsdp_spec`; fully sharded data parallelism, as in
 ZeRO-3: Rajbhandari et al. 2020, and big_vision's and MaxText's FSDP). A sharded step
-gathers the parameters it computes with (:meth:`ParamLayout.gather`) and reduce-scatters
-their gradients (:meth:`ParamLayout.shard`); XLA inserts the collectives. Each host reads only
-its own rows of a global batch (``vdm_jax.data``) and :func:`global_batch` assembles them.
+gathers the parameters it computes with (:meth:`ParamLayout.gather`) and sums their
+gradients onto the shards (:meth:`ParamLayout.shard`); XLA inserts the collectives. Each
+host reads only its own rows of a global batch (``vdm_jax.data``) and :func:`global_batch`
+assembles them.
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ class ParamLayout:
         return jax.lax.with_sharding_constraint(params, self.gathered)
 
     def shard(self, tree: Any) -> Any:
-        """A tree shaped like the parameters (their gradients) in the stored layout: XLA turns
-        the sum of per-device gradients into a reduce-scatter. Inside jit."""
+        """A tree shaped like the parameters (their gradients) in the stored layout: the sum
+        of per-device gradients lands on the shards (a reduce-scatter where the backend forms
+        one; XLA:CPU all-reduces and slices). Inside jit."""
         return jax.lax.with_sharding_constraint(tree, self.stored)
 
 
