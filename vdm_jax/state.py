@@ -7,6 +7,7 @@ checkpoint without importing the training loop.)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -111,9 +112,12 @@ def _init_fn(exp: Experiment) -> Callable[[jax.Array], TrainState]:
     return init
 
 
+@functools.lru_cache(maxsize=16)
 def state_shapes(exp: Experiment) -> TrainState:
     """Shapes and dtypes of the experiment's state (``jax.ShapeDtypeStruct`` s), traced, not
-    computed."""
+    computed. Cached per experiment (a frozen, hashable record): the train step, the save
+    check, the evaluator, the sampler and the restore all lay out the same state, and
+    tracing a large model's init takes seconds."""
     return jax.eval_shape(_init_fn(exp), jax.random.PRNGKey(exp.seed))
 
 
