@@ -143,10 +143,14 @@ def create_train_state(exp: Experiment) -> TrainState:
     return jax.jit(init, out_shardings=state_shardings(exp))(jax.random.PRNGKey(exp.seed))
 
 
-def abstract_train_state(exp: Experiment) -> TrainState:
+def abstract_train_state(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without computing it (what a checkpoint
-    is restored onto: any layout, whichever wrote it)."""
-    shapes = state_shapes(exp)
+    is restored onto: any layout, whichever wrote it).
+
+    ``shapes``: :func:`state_shapes`, if already traced (e.g. for the same model on another
+    mesh).
+    """
+    shapes = state_shapes(exp) if shapes is None else shapes
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,

@@ -111,10 +111,7 @@ def residual_estimate(
       shapes: :func:`vdm_jax.state.state_shapes` of ``exp``.
       activation_bytes: :func:`saved_activation_bytes` of the global batch.
     """
-    shardings = state.state_shardings(exp, shapes)
-    laid_out = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
+    laid_out = state.abstract_train_state(exp, shapes)
     gathered = [
         p for p in jax.tree.leaves(laid_out.params) if p.sharding.shard_shape(p.shape) != p.shape
     ]
@@ -237,7 +234,7 @@ def memory_only_point(
     layout; with ``fit_device_bytes`` > 0, also :func:`widest_fitting` that budget."""
     batch_size = placement.batch_size
     shapes = state.state_shapes(exp)
-    abstract_state = state.abstract_train_state(exp)
+    abstract_state = state.abstract_train_state(exp, shapes)
     batch = parts.abstract_batch(exp, batch_size)
     _, compilation = harness.compile_program(
         train.make_train_step(exp),
