@@ -16,7 +16,8 @@ Fields:
     :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
     identity, 0).
-  optimizer.*: AdamW with linear warmup, optional global-norm clipping (0 disables), EMA.
+  optimizer.*: AdamW with linear warmup, an optional cosine decay to 0 at ``decay_steps``,
+    optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
     draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
   eval.*: global batch size, method (a :data:`vdm_jax.eval_methods.EVAL_METHODS` entry) and
@@ -78,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4
     config.optimizer.warmup_steps = 100
+    # > 0: the learning rate follows a cosine from its peak down to 0 at this update.
+    config.optimizer.decay_steps = 0
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.99
     config.optimizer.eps = 1e-8

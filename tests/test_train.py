@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -225,6 +226,19 @@ def test_learning_rate_warms_up_linearly():
     np.testing.assert_allclose(
         [float(schedule(s)) for s in range(6)], [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr]
     )
+
+
+def test_learning_rate_decays_along_a_cosine_to_zero():
+    spec = experiment.build(
+        tiny_config(**{"optimizer.warmup_steps": 2, "optimizer.decay_steps": 8})
+    ).optimizer
+    schedule = state.learning_rate_schedule(spec)
+    lr = tiny_config().optimizer.learning_rate
+    warm = [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    cosine = [(1 + math.cos(math.pi * min(s, 8) / 8)) / 2 for s in range(11)]
+    expected = [lr * w * c for w, c in zip(warm, cosine, strict=True)]
+    np.testing.assert_allclose([float(schedule(s)) for s in range(11)], expected, atol=1e-9)
+    assert float(schedule(4)) == pytest.approx(lr / 2) and float(schedule(10)) == 0.0
 
 
 def test_model_batch_follows_the_conditioning():

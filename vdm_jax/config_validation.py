@@ -242,6 +242,8 @@ def validate(
     _range(problems, config, "optimizer.learning_rate", lambda v: v > 0, "a number > 0")
     _range(problems, config, "optimizer.warmup_steps", lambda v: isinstance(v, int) and v >= 0,
            "an integer >= 0")  # fmt: skip
+    _range(problems, config, "optimizer.decay_steps", lambda v: isinstance(v, int) and v >= 0,
+           "an integer >= 0 (0: no decay)")  # fmt: skip
     _range(problems, config, "optimizer.b1", lambda v: 0 <= v < 1, "[0, 1)")
     _range(problems, config, "optimizer.b2", lambda v: 0 <= v < 1, "[0, 1)")
     _range(problems, config, "optimizer.eps", lambda v: v > 0, "a number > 0")

@@ -95,10 +95,12 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    """``config.optimizer``: AdamW with linear warmup, global-norm clipping (0: none), EMA."""
+    """``config.optimizer``: AdamW with linear warmup, optional cosine decay, global-norm
+    clipping (0: none), EMA."""
 
     learning_rate: float = may_change()
     warmup_steps: int = may_change()
+    decay_steps: int = may_change()
     b1: float = may_change()
     b2: float = may_change()
     eps: float = may_change()

@@ -50,16 +50,24 @@ def num_bytes(tree: Any) -> int:
 
 
 def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:
-    """Linear warmup to ``learning_rate`` over ``warmup_steps`` updates, then constant.
+    """Linear warmup to ``learning_rate`` over ``warmup_steps`` updates, then constant, or,
+    with ``decay_steps`` > 0, times a cosine decay that reaches 0 at update ``decay_steps``
+    (and stays there).
 
-    The first update already uses ``learning_rate / warmup_steps`` (not 0).
+    The first update already uses ``learning_rate / warmup_steps`` (not 0). A short run
+    ends far lower with the decay: the last updates average out the gradient noise that a
+    constant rate keeps injecting.
     """
     peak, warmup = spec.learning_rate, spec.warmup_steps
+    decay = optax.cosine_decay_schedule(1.0, spec.decay_steps) if spec.decay_steps else None
 
     def schedule(count: jax.Array) -> jax.Array:
-        if warmup == 0:
-            return jnp.asarray(peak, jnp.float32)
-        return peak * jnp.minimum(1.0, (count + 1.0) / warmup)
+        rate = jnp.asarray(peak, jnp.float32)
+        if warmup:
+            rate = rate * jnp.minimum(1.0, (count + 1.0) / warmup)
+        if decay is not None:
+            rate = rate * decay(count)
+        return rate
 
     return schedule
 
