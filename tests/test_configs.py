@@ -13,7 +13,16 @@ from runner_helpers import REPO, tiny_config, train_run
 
 from vdm_jax import config_validation, data, experiment, state, unet
 
-CONFIGS = ("base", "cifar10", "cifar10_aug", "imagenet32", "imagenet64", "digits", "test")
+CONFIGS = (
+    "base",
+    "cifar10",
+    "cifar10_aug",
+    "imagenet32",
+    "imagenet64",
+    "digits",
+    "digits_v1",
+    "test",
+)
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.
 INFOS = {
     "cifar10": data.DatasetInfo("cifar10", (32, 32, 3), 256, 10, 50000, 10000),

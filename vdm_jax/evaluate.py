@@ -212,6 +212,12 @@ def _aggregate(estimates: list[eval_methods.Estimate], real: np.ndarray) -> dict
     return values
 
 
+def _monte_carlo_note(result: EvalResult) -> str:
+    """`` (Monte Carlo 0.0123)`` when the method reports its Monte Carlo error, else ``""``."""
+    mc = result.values.get("bpd_mc_stderr")
+    return "" if mc is None else f" (Monte Carlo {mc:.4f})"
+
+
 def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
     """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split
     (or of ``eval.reference_checkpoint``'s).
@@ -233,10 +239,11 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
         outputs.write_eval_json(record, workdir, step)
         print(json.dumps(record, indent=2, sort_keys=True))
         logging.info(
-            "Step %d: test bpd %.4f +- %.4f over %d examples, written to %s.",
+            "Step %d: test bpd %.4f +- %.4f%s over %d examples, written to %s.",
             step,
             result.bpd,
             result.values["bpd_stderr"],
+            _monte_carlo_note(result),
             result.num_examples,
             workdir,
         )
