@@ -39,10 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 200
     config.optimizer.ema_rate = 0.998
     config.training.batch_size = 32
-    config.training.num_steps = 6000
+    config.training.num_steps = 5000
     config.training.log_every = 100
-    config.training.eval_every = 6000
-    config.training.sample_every = 6000
+    config.training.eval_every = 5000
+    config.training.sample_every = 5000
     config.training.checkpoint_every = 1000
     config.eval.batch_size = 128
     config.eval.method = "elbo_importance"
