@@ -122,6 +122,7 @@ def test_command_line_overrides():
         ({"model.timesteps": 10}, r"config\.sample\.num_steps=8 must equal .*timesteps=10"),
         ({"optimizer.learning_rate": -1.0}, r"config\.optimizer\.learning_rate=-1\.0"),
         ({"optimizer.ema_rate": 1.0}, r"config\.optimizer\.ema_rate=1\.0 .*\[0, 1\)"),
+        ({"optimizer.decay_steps": -1}, r"config\.optimizer\.decay_steps=-1 .*integer >= 0"),
         ({"model.gamma_min": 6.0}, r"config\.model\.gamma_min=6\.0 must be below"),
         ({"seed": -1}, r"config\.seed=-1"),
         ({"model.schedule": "reference_net"}, r"schedule_grad='variance' needs .*'elbo'"),
