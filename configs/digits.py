@@ -23,39 +23,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base
+from configs import digits_v1
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """A 4-block, 32-channel U-Net without dropout, trained for 5,000 steps of 32 digits.
+    """The first default (a 4-block, 32-channel U-Net, 5,000 steps of 32 digits) with the
+    changes its ablation chose.
 
-    Sized for a laptop: a larger network learns more per step but runs fewer steps in the
-    same time. The EMA rate and learning rate are higher than the paper's, which are tuned
-    for millions of steps. No dropout: the model underfits more than it overfits. The eval
-    is the importance-sampled ELBO, whose Monte Carlo error is a third of the antithetic one.
+    No dropout: the model underfits more than it overfits. The eval is the importance-sampled
+    ELBO, whose Monte Carlo error is a third of the antithetic one; training evaluates once,
+    at its end, to stay within the 10-minute budget.
     """
-    config = base.get_config()
-    config.data.name = "digits"
-    config.data.vocab_size = 17
-    config.model.schedule_width = 256
-    config.model.num_blocks = 4
-    config.model.channels = 32
+    config = digits_v1.get_config()
     config.model.dropout_rate = 0.0
-    config.model.fourier_min_exp = 2
-    config.model.fourier_max_exp = 4
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 200
-    config.optimizer.ema_rate = 0.998
-    config.training.batch_size = 32
-    config.training.num_steps = 5000
-    config.training.log_every = 100
     config.training.eval_every = 5000
-    config.training.sample_every = 5000
-    config.training.checkpoint_every = 1000
-    config.eval.batch_size = 128
     config.eval.method = "elbo_importance"
     config.eval.num_time_samples = 16
-    config.sample.num_samples = 64
-    config.sample.batch_size = 64
-    config.sample.num_steps = 200
     return config

@@ -1,4 +1,4 @@
-"""The first digits default, kept to compare against ``configs/digits.py``.
+"""The first digits default: ``configs/digits.py`` starts from it and names its changes.
 
 Launch (as ``make digits`` does, with this config)::
 
