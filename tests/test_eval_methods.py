@@ -35,6 +35,26 @@ def _perturbed_state(config):
 
 
 @pytest.mark.slow
+def test_class_conditional_eval_bounds_the_unconditional_likelihood():
+    # A class-conditional model whose label embedding is zero ignores the label: its bound on
+    # -log P(x | y) is the unconditional network's, and -log P(x) <= -log P(y) - log P(x | y)
+    # adds log2(10) / 64 bits per dimension (a uniform prior over the 10 digit classes).
+    exp, params = _perturbed_state(tiny_config(**{"model.conditioning": "label"}))
+    params = {**params, "score_net": dict(params["score_net"])}
+    embed = params["score_net"]["label_embed"]
+    params["score_net"]["label_embed"] = jax.tree.map(jnp.zeros_like, embed)
+    conditional = evaluate.Evaluator(exp)(params).values
+    del params["score_net"]["label_embed"]
+    plain = evaluate.Evaluator(experiment.build(tiny_config(), jax.devices()[:1]))(params).values
+    label_bpd = np.log2(10) / 64
+    assert conditional["bpd_label"] == pytest.approx(label_bpd, rel=1e-12)
+    assert conditional["bpd_conditional"] == pytest.approx(plain["bpd"], rel=1e-5)
+    assert conditional["bpd"] == pytest.approx(plain["bpd"] + label_bpd, rel=1e-5)
+    assert conditional["bpd_stderr"] == pytest.approx(plain["bpd_stderr"], rel=1e-4)
+    assert "bpd_label" not in plain and "bpd_conditional" not in plain
+
+
+@pytest.mark.slow
 def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
     results = {}
     for method in ("elbo", "elbo_stratified", "elbo_importance"):

@@ -253,6 +253,12 @@ def test_model_batch_follows_the_conditioning():
     np.testing.assert_array_equal(
         conditionings["augmentation"].model_batch(batch, train=True)["label"], [3, 5]
     )
+    # The evaluated bound's cost of the label, -log P(label): the class under a uniform prior;
+    # none for the augmentation identity.
+    digits = data.get_info("digits")
+    assert conditionings["label"].label_nats(digits) == pytest.approx(math.log(10))
+    assert conditionings["none"].label_nats(digits) == 0.0
+    assert conditionings["augmentation"].label_nats(digits) == 0.0
 
 
 def test_image_grid_scales_values_and_upscales_with_visible_gaps():

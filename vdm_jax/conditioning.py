@@ -8,6 +8,7 @@ checks read those properties, and the runner asks the entry instead of testing t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -41,6 +42,11 @@ class Conditioning:
         sampler draws with.
       needs_dataset_labels: the dataset must have classes.
       augment: the value ``data.augment`` must have; None: either.
+      label_nats: ``DatasetInfo ->`` nats per image that turn the evaluated bound on
+        ``-log P(x | label)`` into one on ``-log P(x)``: ``-log P(label)`` under the label's
+        prior, since ``P(x) >= P(label) P(x | label)``. 0 when the evaluation label is not
+        drawn from data (unconditional, or the augmentation identity: the paper's augmented
+        CIFAR-10 figure is ``-log P(x | identity)``).
     """
 
     conditional: bool
@@ -50,6 +56,7 @@ class Conditioning:
     sample_labels: Callable[[int, int], jax.Array]
     needs_dataset_labels: bool
     augment: bool | None
+    label_nats: Callable[[data.DatasetInfo], float]
 
     def model_batch(self, batch: Mapping[str, np.ndarray], *, train: bool) -> dict[str, np.ndarray]:
         """The parts of a data batch the model takes: ``{"image"}`` (+ ``"label"`` [b]).
@@ -72,6 +79,16 @@ def _no_classes(info: data.DatasetInfo) -> int:
 
 def _dataset_classes(info: data.DatasetInfo) -> int:
     return info.num_classes
+
+
+def _no_label_cost(info: data.DatasetInfo) -> float:
+    del info
+    return 0.0
+
+
+def _uniform_label_cost(info: data.DatasetInfo) -> float:
+    """``log C``: the true class under a uniform prior over the dataset's C classes."""
+    return math.log(info.num_classes)
 
 
 def _augmentation_classes(info: data.DatasetInfo) -> int:
@@ -98,8 +115,10 @@ CONDITIONINGS: dict[str, Conditioning] = {
         sample_labels=_identity_labels,
         needs_dataset_labels=False,
         augment=None,
+        label_nats=_no_label_cost,
     ),
-    # Class-conditional: the dataset's label; samples cycle through the classes.
+    # Class-conditional: the dataset's label; samples cycle through the classes. Evaluation
+    # adds -log P(label) under a uniform prior, bounding -log P(x), not -log P(x | label).
     "label": Conditioning(
         conditional=True,
         num_classes=_dataset_classes,
@@ -108,6 +127,7 @@ CONDITIONINGS: dict[str, Conditioning] = {
         sample_labels=_cycle_classes,
         needs_dataset_labels=True,
         augment=False,
+        label_nats=_uniform_label_cost,
     ),
     # The D4 augmentation index (the paper's augmented CIFAR-10): evaluation and sampling
     # use the identity, 0.
@@ -119,5 +139,6 @@ CONDITIONINGS: dict[str, Conditioning] = {
         sample_labels=_identity_labels,
         needs_dataset_labels=False,
         augment=True,
+        label_nats=_no_label_cost,
     ),
 }
