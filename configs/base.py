@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.label_input = "embed"  # "embed": label embedding; "flag": reference's flag.
     config.model.min_group_size = 4  # GroupNorm channels per group, at least.
     config.model.add_z_to_eps = False  # The reference predicts eps_hat = net(z) + z.
+    # What the network predicts (a vdm_jax.parameterizations.PARAMETERIZATIONS entry): "eps",
+    # "x" or "v" (= alpha eps - sigma x); the loss and samplers receive the eps_hat it implies.
+    config.model.parameterization = "eps"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4

@@ -21,6 +21,29 @@ def exact_eps_fn(mu: float, s: float):
     return eps_fn
 
 
+def exact_x_fn(mu: float, s: float):
+    """E[x | z_t] for x ~ N(mu, s^2): mu + alpha s^2 (z - alpha mu) / var_z (Gaussian posterior)."""
+
+    def x_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        g = gamma_t.reshape(gamma_t.shape + (1,) * (z.ndim - gamma_t.ndim))
+        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+        return mu + jnp.sqrt(a2) * s**2 * (z - jnp.sqrt(a2) * mu) / (a2 * s**2 + s2)
+
+    return x_fn
+
+
+def exact_v_fn(mu: float, s: float):
+    """E[v | z_t] for v = alpha eps - sigma x: alpha E[eps | z] - sigma E[x | z]."""
+    eps_fn, x_fn = exact_eps_fn(mu, s), exact_x_fn(mu, s)
+
+    def v_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        g = gamma_t.reshape(gamma_t.shape + (1,) * (z.ndim - gamma_t.ndim))
+        a, sig = jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
+        return a * eps_fn(z, gamma_t) - sig * x_fn(z, gamma_t)
+
+    return v_fn
+
+
 def mmse(v: np.ndarray, s: float) -> np.ndarray:
     """E||x - E[x | z]||^2 per dimension at SNR v."""
     return s**2 / (1.0 + v * s**2)

@@ -114,6 +114,10 @@ def test_command_line_overrides():
         ({"model.dtype": "float16"}, r"config\.model\.dtype='float16'.*'bfloat16', 'float32'"),
         ({"model.schedule_grad": "both"}, r"config\.model\.schedule_grad='both'.*'elbo'"),
         ({"model.attention": "none"}, r"config\.model\.attention='none'.*'all', 'middle'"),
+        (
+            {"model.parameterization": "score"},
+            r"config\.model\.parameterization='score'.*'eps', 'v', 'x'",
+        ),
         ({"data.vocab_size": 256}, r"config\.data\.vocab_size=256 does not match .*allowed: 17"),
         ({"training.num_steps": -5}, r"config\.training\.num_steps=-5 .*integer >= 1"),
         ({"training.log_every": 0}, r"config\.training\.log_every=0"),

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, schedules
+from vdm_jax import diffusion, parameterizations, schedules
 
 Params = Any
 ScheduleFn = Callable[[Params, jax.Array], jax.Array]  # (params, t) -> gamma_t
@@ -58,15 +58,19 @@ class LossConfig:
 
 
 class VDM(nn.Module):
-    """A schedule module and a score network (``eps`` predictor) under one parameter tree.
+    """A schedule module and a score network under one parameter tree.
 
     Attributes:
       schedule: elementwise ``t -> gamma_t`` module (see :mod:`vdm_jax.schedules`).
-      score_net: ``(z [B, ...], gamma_t [B], label [B] | None, train) -> eps_hat [B, ...]``.
+      score_net: ``(z [B, ...], gamma_t [B], label [B] | None, train) -> [B, ...]``, the
+        prediction that ``parameterization`` names.
+      parameterization: a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS` key (``eps``,
+        ``x`` or ``v``); :meth:`eps` converts the network's output into ``eps_hat``.
     """
 
     schedule: nn.Module
     score_net: nn.Module
+    parameterization: str = "eps"
 
     def gamma(self, t: jax.Array) -> jax.Array:
         """gamma(t), elementwise."""
@@ -75,8 +79,9 @@ class VDM(nn.Module):
     def eps(
         self, z: jax.Array, gamma_t: jax.Array, label: jax.Array | None = None, *, train: bool
     ) -> jax.Array:
-        """Predicted noise, [B, ...]."""
-        return self.score_net(z, gamma_t, label, train=train)
+        """Predicted noise, [B, ...], whatever the network predicts."""
+        out = self.score_net(z, gamma_t, label, train=train)
+        return parameterizations.PARAMETERIZATIONS[self.parameterization].to_eps(out, z, gamma_t)
 
     def __call__(
         self, z: jax.Array, t: jax.Array, label: jax.Array | None = None, *, train: bool = False

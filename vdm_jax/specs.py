@@ -66,6 +66,7 @@ class ModelSpec:
     label_input: str
     min_group_size: int
     add_z_to_eps: bool
+    parameterization: str
 
     def build(self, num_classes: int) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""
@@ -90,7 +91,7 @@ class ModelSpec:
             min_group_size=self.min_group_size,
             add_z_to_eps=self.add_z_to_eps,
         )
-        return model.VDM(schedule, score_net)
+        return model.VDM(schedule, score_net, self.parameterization)
 
 
 @dataclasses.dataclass(frozen=True)
