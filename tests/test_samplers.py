@@ -78,6 +78,33 @@ def test_samples_from_the_exact_denoiser_match_the_data_moments(sampler):
     np.testing.assert_allclose(z_0.var(), want_var, rtol=0.05)
 
 
+@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("dpm_solver_2m", 2)])
+def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(sampler, order):
+    """With the exact denoiser, the probability-flow ODE carries z_1 to
+    z_0 = alpha_0 mu + sqrt(v_0 / v_1) (z_1 - alpha_1 mu), v = alpha^2 s^2 + sigma^2 (it keeps
+    the standardised value of the Gaussian marginals). Halving the step divides the error by
+    2^order (measured: DDIM 0.96, 0.98, 0.99; DPM-Solver++(2M) 1.91, 1.98, 1.99)."""
+    z_1 = jax.random.normal(jax.random.key(0), (64, 2))
+    sigma_0, alpha_0 = _sigma_alpha(-13.3)
+    sigma_1, alpha_1 = _sigma_alpha(5.0)
+    v_0, v_1 = alpha_0**2 * S**2 + sigma_0**2, alpha_1**2 * S**2 + sigma_1**2
+    exact = alpha_0 * MU + math.sqrt(v_0 / v_1) * (np.asarray(z_1, np.float64) - alpha_1 * MU)
+    errors = []
+    for num_steps in (20, 40, 80, 160):
+        z_0 = samplers.sample_latent(
+            jax.random.key(1),
+            linear,
+            exact_eps_fn(MU, S),
+            z_1.shape,
+            num_steps=num_steps,
+            sampler=sampler,
+            z_1=z_1,
+        )
+        errors.append(np.abs(np.asarray(z_0, np.float64) - exact).max())
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    np.testing.assert_allclose(orders, order, atol=0.12)
+
+
 def test_decoded_samples_are_integers_in_range_and_argmax_picks_the_nearest_bin():
     vocab_size = 17
     centres = diffusion.encode(jnp.arange(vocab_size), vocab_size)
