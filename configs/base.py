@@ -15,7 +15,8 @@ Fields:
     the score U-Net (see :mod:`vdm_jax.unet`). ``conditioning`` is a
     :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
-    identity, 0).
+    identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
+    entry) is what the network predicts: "eps", "x" or "v".
   optimizer.*: AdamW with linear warmup, an optional cosine decay to 0 at ``decay_steps``,
     optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
@@ -125,7 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.batch_size = 64
     config.sample.num_steps = 1000
-    config.sample.sampler = "ancestral"
+    config.sample.sampler = "ancestral"  # "ancestral", "ddim" or "dpm_solver_2m" (ODE, 2nd order).
     config.sample.decode = "argmax"
 
     config.sharding = ml_collections.ConfigDict()
