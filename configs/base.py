@@ -24,8 +24,9 @@ Fields:
   eval.*: global batch size, method (a :data:`vdm_jax.eval_methods.EVAL_METHODS` entry) and
     its settings for the whole-split bpd; ``reference_checkpoint`` evaluates a released
     reference checkpoint.
-  sample.*: number of samples, global batch, sampler steps, sampler and decoding (entries of
-    :data:`vdm_jax.samplers.SAMPLERS` and :data:`vdm_jax.samplers.DECODERS`).
+  sample.*: number of samples, global batch, sampler steps, sampler and decoding (names of
+    :data:`vdm_jax.samplers.SAMPLER_NAMES` and :data:`vdm_jax.samplers.DECODERS`), and the
+    adaptive ODE sampler's tolerance.
   sharding.fsdp: over how many devices the train state (parameters, EMA, optimizer state)
     is split (FSDP, :mod:`vdm_jax.sharding`); 1 replicates it (data parallelism), -1 splits
     it over every device. It must divide the device count. Batches are always split over
@@ -126,8 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.batch_size = 64
     config.sample.num_steps = 1000
-    config.sample.sampler = "ancestral"  # "ancestral", "ddim" or "dpm_solver_2m" (ODE, 2nd order).
+    # "ancestral", "ddim" or "dpm_solver_2m" (ODE, 2nd order) on the grid of num_steps steps;
+    # "ode": the probability-flow ODE solved adaptively to ode_tolerance.
+    config.sample.sampler = "ancestral"
     config.sample.decode = "argmax"
+    config.sample.ode_tolerance = 1e-5  # rtol = atol of the adaptive sampler "ode".
 
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp = 1

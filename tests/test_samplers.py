@@ -55,7 +55,7 @@ def test_ddim_step_keeps_x_hat_and_eps_hat():
     np.testing.assert_allclose(z_s, alpha_s * x_hat + sigma_s * np.asarray(eps_hat), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))  # Every registered sampler.
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLER_NAMES))  # Every sampler.
 def test_samples_from_the_exact_denoiser_match_the_data_moments(sampler):
     """z_0 ~ N(alpha_0 mu, alpha_0^2 s^2 + sigma_0^2) when the denoiser is exact.
 
@@ -78,31 +78,43 @@ def test_samples_from_the_exact_denoiser_match_the_data_moments(sampler):
     np.testing.assert_allclose(z_0.var(), want_var, rtol=0.05)
 
 
-@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("dpm_solver_2m", 2)])
-def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(sampler, order):
-    """With the exact denoiser, the probability-flow ODE carries z_1 to
+def _flow_errors(sampler: str, settings: list[dict]) -> np.ndarray:
+    """Max error of z_0 against the exact probability-flow map, one per setting.
+
+    With the exact denoiser, the probability-flow ODE carries z_1 to
     z_0 = alpha_0 mu + sqrt(v_0 / v_1) (z_1 - alpha_1 mu), v = alpha^2 s^2 + sigma^2 (it keeps
-    the standardised value of the Gaussian marginals). Halving the step divides the error by
-    2^order (measured: DDIM 0.96, 0.98, 0.99; DPM-Solver++(2M) 1.91, 1.98, 1.99)."""
+    the standardised value of the Gaussian marginals).
+    """
     z_1 = jax.random.normal(jax.random.key(0), (64, 2))
     sigma_0, alpha_0 = _sigma_alpha(-13.3)
     sigma_1, alpha_1 = _sigma_alpha(5.0)
     v_0, v_1 = alpha_0**2 * S**2 + sigma_0**2, alpha_1**2 * S**2 + sigma_1**2
     exact = alpha_0 * MU + math.sqrt(v_0 / v_1) * (np.asarray(z_1, np.float64) - alpha_1 * MU)
     errors = []
-    for num_steps in (20, 40, 80, 160):
+    for kwargs in settings:
         z_0 = samplers.sample_latent(
-            jax.random.key(1),
-            linear,
-            exact_eps_fn(MU, S),
-            z_1.shape,
-            num_steps=num_steps,
-            sampler=sampler,
-            z_1=z_1,
-        )
+            jax.random.key(1), linear, exact_eps_fn(MU, S), z_1.shape, sampler=sampler, z_1=z_1,
+            **kwargs,
+        )  # fmt: skip
         errors.append(np.abs(np.asarray(z_0, np.float64) - exact).max())
-    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    return np.array(errors)
+
+
+@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("dpm_solver_2m", 2)])
+def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(sampler, order):
+    """Halving the step divides the error by 2^order (measured: DDIM 0.96, 0.98, 0.99;
+    DPM-Solver++(2M) 1.91, 1.98, 1.99)."""
+    errors = _flow_errors(sampler, [dict(num_steps=n) for n in (20, 40, 80, 160)])
+    orders = np.log2(errors[:-1] / errors[1:])
     np.testing.assert_allclose(orders, order, atol=0.12)
+
+
+def test_adaptive_ode_sampler_reaches_the_exact_flow_as_the_tolerance_falls():
+    # Measured: 7.0e-3, 5.6e-4, 3.9e-6, 6.3e-7 (DPM-Solver++(2M) at 160 steps: 2.1e-4).
+    tolerances = (1e-3, 1e-4, 1e-5, 1e-6)
+    errors = _flow_errors("ode", [dict(num_steps=1, tolerance=t) for t in tolerances])
+    assert np.all(np.diff(errors) < 0)
+    assert errors[0] < 3e-2 and errors[2] < 2e-5
 
 
 def test_decoded_samples_are_integers_in_range_and_argmax_picks_the_nearest_bin():

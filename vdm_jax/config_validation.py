@@ -150,7 +150,7 @@ def validate(
         "eval.method": eval_methods.EVAL_METHODS,
         "eval.ode_divergence": ode_likelihood.DIVERGENCES,
         "eval.ode_dequantization": ode_likelihood.DEQUANTIZATIONS,
-        "sample.sampler": samplers.SAMPLERS,
+        "sample.sampler": samplers.SAMPLER_NAMES,
         "sample.decode": samplers.DECODERS,
     }
     for field, registry in registries.items():
@@ -241,6 +241,7 @@ def validate(
         f"config.model.fourier_min_exp={config.model.fourier_min_exp!r} must be <= "
         f"config.model.fourier_max_exp={config.model.fourier_max_exp!r}",
     )
+    _range(problems, config, "sample.ode_tolerance", lambda v: v > 0, "a number > 0")
     _range(problems, config, "optimizer.learning_rate", lambda v: v > 0, "a number > 0")
     _range(problems, config, "optimizer.warmup_steps", lambda v: isinstance(v, int) and v >= 0,
            "an integer >= 0")  # fmt: skip

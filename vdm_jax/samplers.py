@@ -1,10 +1,13 @@
-"""Samplers: ancestral, DDIM and DPM-Solver++(2M), jitted loops over a time grid.
+"""Samplers: ancestral, DDIM and DPM-Solver++(2M) on a time grid; the adaptive ODE solve.
 
-Each runs ``num_steps`` steps from ``t = 1`` to ``t = 0`` on the grid ``t_i = i / T`` inside a
-``lax.fori_loop`` (no host round trip per step), then decodes ``z_0`` to integers with the
-discretized decoder. Noise for step ``i`` comes from ``fold_in(key, i)``. DDIM and
-DPM-Solver++(2M) follow the probability-flow ODE: first and second order in the step of the
-half log-SNR ``lambda = -gamma / 2`` (with a linear schedule, in 1 / T).
+The grid samplers (:data:`SAMPLERS`) run ``num_steps`` steps from ``t = 1`` to ``t = 0`` on
+the grid ``t_i = i / T`` inside a ``lax.fori_loop`` (no host round trip per step). Noise for
+step ``i`` comes from ``fold_in(key, i)``. DDIM and DPM-Solver++(2M) follow the
+probability-flow ODE: first and second order in the step of the half log-SNR
+``lambda = -gamma / 2`` (with a linear schedule, in 1 / T). The adaptive sampler
+(:data:`ADAPTIVE_SAMPLERS`, ``"ode"``) solves the same ODE with diffrax's Tsit5 to a
+tolerance instead. Every sampler then decodes ``z_0`` to integers with the discretized
+decoder.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, schedules
+from vdm_jax import diffusion, ode_likelihood, schedules
 
 
 class StepMemory(NamedTuple):
@@ -121,6 +124,23 @@ SAMPLERS: dict[str, StepFn] = {
 }
 
 
+def probability_flow_latent(
+    gamma_fn: schedules.GammaFn, eps_fn: diffusion.EpsFn, z_1: jax.Array, tolerance: float
+) -> jax.Array:
+    """z_0 [B, ...] from z_1 by the probability-flow ODE, solved adaptively (Tsit5, rtol = atol
+    = ``tolerance``; :func:`vdm_jax.ode_likelihood.probability_flow`); NaN where the solve
+    does not finish within its step limit."""
+    return ode_likelihood.probability_flow(
+        z_1, gamma_fn, eps_fn, t_start=1.0, t_end=0.0, rtol=tolerance, atol=tolerance
+    ).z
+
+
+# Samplers that choose their own steps by name (``sample.sampler``), with
+# ``(gamma_fn, eps_fn, z_1, tolerance) -> z_0``.
+ADAPTIVE_SAMPLERS: dict[str, Callable[..., jax.Array]] = {"ode": probability_flow_latent}
+SAMPLER_NAMES = (*SAMPLERS, *ADAPTIVE_SAMPLERS)
+
+
 def _decoder_mode(key: jax.Array, logits: jax.Array) -> jax.Array:
     del key
     return jnp.argmax(logits, axis=-1)
@@ -146,6 +166,7 @@ def sample_latent(
     num_steps: int,
     sampler: str = "ancestral",
     z_1: jax.Array | None = None,
+    tolerance: float = 1e-5,
 ) -> jax.Array:
     """Runs the reverse process from z_1 ~ N(0, I) to z_0, [B, ...] float32.
 
@@ -154,17 +175,23 @@ def sample_latent(
       gamma_fn: elementwise schedule ``t -> gamma``.
       eps_fn: noise predictor ``(z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...]``.
       shape: ``(B, ...)`` of the samples.
-      num_steps: T, steps on the grid ``i / T`` (for a discrete-time model, its own T).
-      sampler: a key of :data:`SAMPLERS`.
+      num_steps: T, steps on the grid ``i / T`` (for a discrete-time model, its own T);
+        unused by the adaptive samplers.
+      sampler: a name of :data:`SAMPLER_NAMES`.
       z_1: [B, ...] the starting point instead of a draw from the prior (for the
         deterministic samplers, this makes the result a function of z_1).
+      tolerance: relative and absolute tolerance of the adaptive samplers.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(SAMPLERS)}")
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(SAMPLER_NAMES)}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    step = SAMPLERS[sampler]
     key_init, key_steps = jax.random.split(key)
+    if z_1 is None:
+        z_1 = jax.random.normal(key_init, shape)
+    if sampler in ADAPTIVE_SAMPLERS:
+        return ADAPTIVE_SAMPLERS[sampler](gamma_fn, eps_fn, z_1, tolerance)
+    step = SAMPLERS[sampler]
 
     def body(i: jax.Array, carry: tuple[jax.Array, StepMemory]) -> tuple[jax.Array, StepMemory]:
         z, memory = carry
@@ -177,8 +204,6 @@ def sample_latent(
         eps_hat = eps_fn(z, jnp.full((shape[0],), gamma_t)).astype(jnp.float32)
         return step(jax.random.fold_in(key_steps, i), z, eps_hat, gamma_t, gamma_s, memory)
 
-    if z_1 is None:
-        z_1 = jax.random.normal(key_init, shape)
     memory = StepMemory(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
     z_0, _ = jax.lax.fori_loop(0, num_steps, body, (z_1, memory))
     return z_0
@@ -204,8 +229,17 @@ def sample(
     num_steps: int,
     sampler: str = "ancestral",
     decode_method: str = "argmax",
+    tolerance: float = 1e-5,
 ) -> jax.Array:
     """Integer samples [B, ...] in {0..K-1}: :func:`sample_latent` then :func:`decode`."""
     key_latent, key_decode = jax.random.split(key)
-    z_0 = sample_latent(key_latent, gamma_fn, eps_fn, shape, num_steps=num_steps, sampler=sampler)
+    z_0 = sample_latent(
+        key_latent,
+        gamma_fn,
+        eps_fn,
+        shape,
+        num_steps=num_steps,
+        sampler=sampler,
+        tolerance=tolerance,
+    )
     return decode(key_decode, z_0, gamma_fn(jnp.zeros(())), vocab_size, decode_method)

@@ -21,7 +21,7 @@ SAMPLE_STREAM = 2
 def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
     """The jitted sampler ``(params, key) -> int32 [sample.batch_size, H, W, C]``.
 
-    ``sample.sampler`` (:data:`vdm_jax.samplers.SAMPLERS`) for ``sample.num_steps`` steps,
+    ``sample.sampler`` (:data:`vdm_jax.samplers.SAMPLER_NAMES`) for ``sample.num_steps`` steps,
     then ``sample.decode``. The parameters come in the state's layout (gathered inside); the
     batch of latents is sharded over the mesh; the integer samples come back replicated.
     Labels are the conditioning's ``sample_labels``.
@@ -49,6 +49,7 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
             num_steps=spec.num_steps,
             sampler=spec.sampler,
             decode_method=spec.decode,
+            tolerance=spec.ode_tolerance,
         )
 
     replicated = sharding.replicated(exp.mesh)

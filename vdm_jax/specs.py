@@ -148,6 +148,7 @@ class SampleSpec:
     num_steps: int = may_change()
     sampler: str = may_change()
     decode: str = may_change()
+    ode_tolerance: float = may_change()
 
 
 @dataclasses.dataclass(frozen=True)
