@@ -36,7 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     """
     config = digits_v1.get_config()
     config.model.dropout_rate = 0.0
-    config.training.eval_every = 5000
+    config.training.num_steps = 4500
+    # The training run neither evaluates nor samples: `make digits` runs --mode=eval and
+    # --mode=sample after it, and doing both twice cost 28 s of the 10-minute budget.
+    config.training.eval_every = 1_000_000
+    config.training.sample_every = 1_000_000
     config.eval.method = "elbo_importance"
     config.eval.num_time_samples = 16
     return config
