@@ -90,14 +90,14 @@ def schedule_values(
     return ScheduleValues(gamma_0, gamma_1, gamma_t, weight)
 
 
-def _broadcast_batch(v: jax.Array, like: jax.Array) -> jax.Array:
+def broadcast_batch(v: jax.Array, like: jax.Array) -> jax.Array:
     """[B] -> [B, 1, ..., 1] to broadcast against ``like`` [B, ...]; scalars pass through."""
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)) if v.ndim else v
 
 
 def diffuse(f: jax.Array, gamma: jax.Array, eps: jax.Array) -> jax.Array:
     """Samples q(z_t | x): ``z_t = alpha_t f + sigma_t eps``; f, eps [B, ...], gamma [B] or []."""
-    gamma = _broadcast_batch(gamma, f)
+    gamma = broadcast_batch(gamma, f)
     return jnp.sqrt(schedules.alpha2(gamma)) * f + jnp.sqrt(schedules.sigma2(gamma)) * eps
 
 
@@ -118,7 +118,7 @@ def decoder_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.A
     ``p(x_i = k | z_0)`` is proportional to ``N(z_0,i / alpha_0; f(k), sigma_0^2 / alpha_0^2)``,
     and ``sigma_0^2 / alpha_0^2 = exp(gamma_0)``.
     """
-    gamma_0 = _broadcast_batch(gamma_0, z_0)
+    gamma_0 = broadcast_batch(gamma_0, z_0)
     z_rescaled = z_0 * jnp.exp(-0.5 * schedules.log_alpha2(gamma_0))
     centres = encode(jnp.arange(vocab_size), vocab_size)
     inv_std = jnp.exp(-0.5 * gamma_0)[..., None]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import schedules
+from vdm_jax import diffusion, schedules
 
 # (output or eps [B, ...], z_t [B, ...], gamma_t [B] or []) -> [B, ...]
 Convert = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -32,8 +32,7 @@ Convert = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 def _alpha_sigma(z: jax.Array, gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``alpha`` and ``sigma`` of ``gamma`` [B] or [], broadcast against ``z`` [B, ...]."""
-    gamma = jnp.asarray(gamma, jnp.float32)
-    gamma = gamma.reshape(gamma.shape + (1,) * (z.ndim - gamma.ndim))
+    gamma = diffusion.broadcast_batch(jnp.asarray(gamma, jnp.float32), z)
     return jnp.sqrt(schedules.alpha2(gamma)), jnp.sqrt(schedules.sigma2(gamma))
 
 
