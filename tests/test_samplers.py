@@ -92,10 +92,10 @@ def _flow_errors(sampler: str, settings: list[dict]) -> np.ndarray:
     exact = alpha_0 * MU + math.sqrt(v_0 / v_1) * (np.asarray(z_1, np.float64) - alpha_1 * MU)
     errors = []
     for kwargs in settings:
+        eps_fn = exact_eps_fn(MU, S)
         z_0 = samplers.sample_latent(
-            jax.random.key(1), linear, exact_eps_fn(MU, S), z_1.shape, sampler=sampler, z_1=z_1,
-            **kwargs,
-        )  # fmt: skip
+            jax.random.key(1), linear, eps_fn, z_1.shape, sampler=sampler, z_1=z_1, **kwargs
+        )
         errors.append(np.abs(np.asarray(z_0, np.float64) - exact).max())
     return np.array(errors)
 
