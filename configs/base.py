@@ -16,7 +16,9 @@ Fields:
     :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
     identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
-    entry) is what the network predicts: "eps", "x" or "v".
+    entry) is what the network predicts: "eps", "x" or "v". ``weighting`` (a
+    :data:`vdm_jax.weightings.WEIGHTINGS` entry) weights the denoiser's diffusion loss by
+    log-SNR; ``weighting_bias`` is the sigmoid weighting's bias.
   optimizer.*: AdamW with linear warmup, an optional cosine decay to 0 at ``decay_steps``,
     optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
@@ -80,6 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
     # What the network predicts (a vdm_jax.parameterizations.PARAMETERIZATIONS entry): "eps",
     # "x" or "v" (= alpha eps - sigma x); the loss and samplers receive the eps_hat it implies.
     config.model.parameterization = "eps"
+    # The denoiser's training loss (a vdm_jax.weightings.WEIGHTINGS entry): "elbo" (w = 1),
+    # "sigmoid" (w = sigmoid(weighting_bias - log SNR)) or "edm" (Kingma & Gao 2023). The
+    # schedule's endpoints always train on the ELBO, and evaluation always reports it.
+    config.model.weighting = "elbo"
+    config.model.weighting_bias = 0.0
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4

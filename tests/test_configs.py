@@ -118,6 +118,7 @@ def test_command_line_overrides():
             {"model.parameterization": "score"},
             r"config\.model\.parameterization='score'.*'eps', 'v', 'x'",
         ),
+        ({"model.weighting": "p2"}, r"config\.model\.weighting='p2'.*'edm', 'elbo', 'sigmoid'"),
         ({"data.vocab_size": 256}, r"config\.data\.vocab_size=256 does not match .*allowed: 17"),
         ({"training.num_steps": -5}, r"config\.training\.num_steps=-5 .*integer >= 1"),
         ({"training.log_every": 0}, r"config\.training\.log_every=0"),

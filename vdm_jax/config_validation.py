@@ -29,6 +29,7 @@ from vdm_jax import (
     schedules,
     specs,
     unet,
+    weightings,
 )
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -147,6 +148,7 @@ def validate(
         "model.conditioning": conditioning.CONDITIONINGS,
         "model.label_input": unet.LABEL_INPUTS,
         "model.parameterization": parameterizations.PARAMETERIZATIONS,
+        "model.weighting": weightings.WEIGHTINGS,
         "eval.method": eval_methods.EVAL_METHODS,
         "eval.ode_divergence": ode_likelihood.DIVERGENCES,
         "eval.ode_dequantization": ode_likelihood.DEQUANTIZATIONS,

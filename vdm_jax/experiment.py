@@ -134,6 +134,8 @@ def build(
             timesteps=model_spec.timesteps,
             antithetic_time=model_spec.antithetic_time,
             schedule_grad=model_spec.schedule_grad,
+            weighting=model_spec.weighting,
+            weighting_bias=model_spec.weighting_bias,
         ),
         conditioning=cond,
         optimizer=specs.from_section(OptimizerSpec, config.optimizer),

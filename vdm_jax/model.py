@@ -3,10 +3,11 @@
 :class:`VDM` is a thin Flax module holding the two parameterised parts (params
 ``{"schedule": ..., "score_net": ...}``). :func:`loss_and_grads` is the training objective
 for any schedule and denoiser given as plain functions of their parameters; it returns the
-ELBO gradient for the denoiser and the schedule's endpoints and, with
-``schedule_grad="variance"``, the gradient of the second moment of the diffusion-loss
-estimate for the schedule's interior (paper section 5): the interior cannot change the
-expected ELBO in continuous time, only the variance of its estimate.
+gradient of the (optionally weighted, :mod:`vdm_jax.weightings`) objective for the denoiser,
+the ELBO gradient for the schedule's endpoints and, with ``schedule_grad="variance"``, the
+gradient of the second moment of the diffusion-loss estimate for the schedule's interior
+(paper section 5): the interior cannot change the expected ELBO in continuous time, only the
+variance of its estimate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, parameterizations, schedules
+from vdm_jax import diffusion, parameterizations, schedules, weightings
 
 Params = Any
 ScheduleFn = Callable[[Params, jax.Array], jax.Array]  # (params, t) -> gamma_t
@@ -38,13 +39,19 @@ class LossConfig:
       timesteps: 0 for the continuous-time loss, else the number of discrete steps T.
       antithetic_time: low-discrepancy times ``(u + i / B) mod 1`` over the batch.
       schedule_grad: ``"elbo"`` trains the whole schedule on the ELBO; ``"variance"`` trains
-        the endpoints on the ELBO and the interior on the variance of the diffusion loss.
+        the endpoints on the ELBO and the interior on the variance of the (weighted)
+        diffusion loss.
+      weighting: a :data:`vdm_jax.weightings.WEIGHTINGS` key: the denoiser trains on the
+        diffusion loss weighted by ``w(log-SNR)`` (``"elbo"``: w = 1, the ELBO itself).
+      weighting_bias: ``b`` of the ``"sigmoid"`` weighting.
     """
 
     vocab_size: int
     timesteps: int = 0
     antithetic_time: bool = True
     schedule_grad: str = "elbo"
+    weighting: str = "elbo"
+    weighting_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -54,6 +61,10 @@ class LossConfig:
         if self.schedule_grad not in SCHEDULE_GRADS:
             raise ValueError(
                 f"schedule_grad must be one of {SCHEDULE_GRADS}, got {self.schedule_grad!r}"
+            )
+        if self.weighting not in weightings.WEIGHTINGS:
+            raise ValueError(
+                f"weighting must be one of {sorted(weightings.WEIGHTINGS)}, got {self.weighting!r}"
             )
 
 
@@ -111,12 +122,20 @@ def loss_and_grads(
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], tuple[Params, Params]]:
     """Mean negative ELBO in bits/dim over a batch, its terms, and the training gradients.
 
+    The denoiser's gradient is that of the training objective: prior + reconstruction + the
+    diffusion term weighted by ``w(log-SNR)`` (:mod:`vdm_jax.weightings`; ``w = 1`` is the
+    ELBO). The schedule's gradient is the ELBO's (``schedule_grad="elbo"``), or the ELBO's
+    for the endpoints and that of the second moment of the weighted diffusion estimate for
+    the interior (``"variance"``, paper section 5: in continuous time the interior cannot
+    change the expected objective, only its estimate's variance; this is also VDM++'s
+    adaptive importance distribution of the log-SNR).
+
     One forward and one backward pass through the denoiser; the schedule, which is cheap,
-    is pulled back twice when ``cfg.schedule_grad == "variance"``. The cotangent reaching
-    ``gamma_t[i]`` and ``weight[i]`` from the mean loss is ``(1/B) dL_i``; since example ``i``
-    alone depends on them, scaling it by ``2 L_diff,i`` gives the gradient of
-    ``mean_i L_diff,i^2`` exactly. (This needs a denoiser without cross-example coupling,
-    e.g. no BatchNorm.)
+    is pulled back once or twice. Example ``i`` alone depends on ``gamma_t[i]`` and
+    ``weight[i]``, and the cotangent reaching them from the mean objective is
+    ``(w_i / B) dL_i``; dividing by ``w_i`` gives the ELBO's, and scaling by ``2 w_i L_i``
+    (with the weight's own slope) gives that of ``mean_i (w_i L_i)^2``, exactly. (This needs
+    a denoiser without cross-example coupling, e.g. no BatchNorm.)
 
     Args:
       schedule_fn: ``(schedule_params, t) -> gamma_t``, elementwise in ``t``.
@@ -130,7 +149,8 @@ def loss_and_grads(
     Returns:
       ``((loss, terms), (schedule_grads, denoise_grads))`` where ``loss`` is the mean
       negative ELBO in bits/dim and ``terms`` maps ``prior``, ``recon``, ``diffusion`` to
-      per-example bits/dim, [B].
+      per-example bits/dim, [B], and, for a weighting other than ``"elbo"``,
+      ``diffusion_weighted`` to the weighted diffusion term in the same units.
     """
     key_t, key_noise = jax.random.split(key)
     batch = x.shape[0]
@@ -140,27 +160,36 @@ def loss_and_grads(
     def values_of(p: Params) -> diffusion.ScheduleValues:
         return diffusion.schedule_values(lambda u: schedule_fn(p, u), t, cfg.timesteps)
 
-    def loss_of(values: diffusion.ScheduleValues, p: Params):
+    values, schedule_vjp = jax.vjp(values_of, schedule_params)
+    w, dw_dgamma = weightings.weight_and_slope(cfg.weighting, cfg.weighting_bias, values.gamma_t)
+
+    def objective_of(values: diffusion.ScheduleValues, p: Params):
         nats = diffusion.elbo_terms(
             x, values, key_noise, lambda z, g: denoise_fn(p, z, g), cfg.vocab_size
         )
         terms = {k: diffusion.bits_per_dim(v, num_dims) for k, v in nats.items()}
-        return jnp.mean(sum(terms.values())), terms
+        weighted = w * terms["diffusion"]
+        return jnp.mean(terms["prior"] + terms["recon"] + weighted), (terms, weighted)
 
-    values, schedule_vjp = jax.vjp(values_of, schedule_params)
-    loss, loss_vjp, terms = jax.vjp(loss_of, values, denoise_params, has_aux=True)
-    d_values, denoise_grads = loss_vjp(jnp.ones_like(loss))
-    (schedule_grads,) = schedule_vjp(d_values)
+    _, objective_vjp, (terms, weighted) = jax.vjp(
+        objective_of, values, denoise_params, has_aux=True
+    )
+    d_values, denoise_grads = objective_vjp(jnp.ones(()))
+    elbo_d_values = d_values._replace(gamma_t=d_values.gamma_t / w, weight=d_values.weight / w)
+    (schedule_grads,) = schedule_vjp(elbo_d_values)
     if cfg.schedule_grad == "variance":
-        scale = 2.0 * jax.lax.stop_gradient(terms["diffusion"])
+        scale = 2.0 * jax.lax.stop_gradient(weighted)
         d_variance = diffusion.ScheduleValues(
             gamma_0=jnp.zeros_like(d_values.gamma_0),
             gamma_1=jnp.zeros_like(d_values.gamma_1),
-            gamma_t=d_values.gamma_t * scale,
-            weight=d_values.weight * scale,
+            gamma_t=scale * (d_values.gamma_t + dw_dgamma * terms["diffusion"] / batch),
+            weight=scale * d_values.weight,
         )
         (variance_grads,) = schedule_vjp(d_variance)
         schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads)
+    loss = jnp.mean(sum(terms.values()))
+    if cfg.weighting != "elbo":
+        terms = {**terms, "diffusion_weighted": weighted}
     return (loss, terms), (schedule_grads, denoise_grads)
 
 

@@ -67,6 +67,8 @@ class ModelSpec:
     min_group_size: int
     add_z_to_eps: bool
     parameterization: str
+    weighting: str
+    weighting_bias: float
 
     def build(self, num_classes: int) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""

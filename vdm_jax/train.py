@@ -44,7 +44,8 @@ from vdm_jax.state import TrainState
 
 Metrics = dict[str, jax.Array]
 # What the training loop logs under ``train/`` (window means of the step metrics, then
-# throughput).
+# throughput), and ``bpd_diff_weighted`` (the trained diffusion term) for a weighting other
+# than ``model.weighting="elbo"``.
 LOGGED_METRICS = (
     "bpd",
     "bpd_prior",
@@ -87,8 +88,8 @@ def train_step(
     Returns:
       ``(new_state, metrics)``; metrics are scalars: ``bpd`` and each term (``bpd_prior``,
       ``bpd_recon``, ``bpd_diff``), ``grad_norm`` (before clipping), ``gamma_0``,
-      ``gamma_1``, ``learning_rate`` (all of the state before the step) and ``finite``
-      (bool: the update was applied).
+      ``gamma_1``, ``learning_rate`` (all of the state before the step), ``finite``
+      (bool: the update was applied) and, under a weighting, ``bpd_diff_weighted``.
     """
     # The step's randomness depends only on (seed, step): not on devices or restarts.
     key = jax.random.fold_in(train_state.rng, train_state.step)
@@ -117,6 +118,11 @@ def train_step(
     step_metrics = {
         "bpd": loss,
         **{name: jnp.mean(terms[k]) for k, name in eval_methods.TERM_NAMES.items()},
+        **(
+            {"bpd_diff_weighted": jnp.mean(terms["diffusion_weighted"])}
+            if "diffusion_weighted" in terms
+            else {}
+        ),
         "grad_norm": grad_norm,
         "gamma_0": gamma(jnp.zeros(())),
         "gamma_1": gamma(jnp.ones(())),
