@@ -19,6 +19,7 @@ from vdm_jax import (
     eval_methods,
     evaluate,
     experiment,
+    ode_likelihood,
     reference,
     state,
 )
@@ -126,6 +127,10 @@ def test_eval_settings_are_validated():
         ({"eval.method": "exact"}, "eval.method"),
         ({"eval.ode_rtol": 0.0}, "eval.ode_rtol"),
         ({"eval.ode_dequantization": "variational"}, "eval.ode_dequantization"),
+        (
+            {"eval.method": "ode", "eval.ode_importance_weighted": True},
+            r"ode_importance_weighted=True needs config\.eval\.ode_dequant_samples >= 2",
+        ),
     ):
         with pytest.raises(config_validation.ConfigError, match=field):
             config_validation.validate(tiny_config(**overrides), num_devices=1, process_count=1)
@@ -200,6 +205,48 @@ def test_shifted_grid_elbo_is_unbiased_and_reports_its_monte_carlo_error():
     assert abs(bpd.mean() - ref.mean()) < 4 * np.hypot(mc_se, ref_se)
     mc_var = np.mean((bpd - np.asarray(b.terms["bpd"], np.float64)) ** 2) / 2
     assert np.mean(np.asarray(a.mc_stderr, np.float64) ** 2) == pytest.approx(mc_var, rel=0.3)
+
+
+@pytest.mark.parametrize("dequantization", ["truncated_normal", "decoder"])
+def test_ode_eval_reports_the_importance_weighted_bound(dequantization):
+    """``eval.ode_importance_weighted``: bpd is ode_bpd's importance-weighted bound over the
+    draws (no Monte Carlo error), bpd_per_draw their mean; the first is the smaller."""
+    settings = {
+        "eval.method": "ode",
+        "eval.ode_importance_weighted": True,
+        "eval.ode_dequant_samples": 4,
+        "eval.ode_dequantization": dequantization,
+        "eval.ode_divergence": "exact",
+        "eval.ode_rtol": 1e-4,
+        "eval.ode_atol": 1e-4,
+    }
+    exp = experiment.build(tiny_config(**settings), jax.devices()[:1])
+    x = jax.random.randint(jax.random.key(0), (3, 2, 2, 1), 0, exp.info.vocab_size)
+    eps_fn = exact_eps_fn(0.0, 0.6)
+
+    def gamma_fn(t):
+        return -8.0 + 13.0 * t
+
+    method = eval_methods.EVAL_METHODS["ode"]
+    key = jax.random.key(1)
+    out = method.estimate(gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval)
+    direct = ode_likelihood.ode_bpd(
+        key,
+        x,
+        gamma_fn,
+        eps_fn,
+        vocab_size=exp.info.vocab_size,
+        num_dequant_samples=4,
+        dequantization=dequantization,
+        divergence="exact",
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    np.testing.assert_array_equal(out.terms["bpd"], direct.bpd_importance_weighted)
+    np.testing.assert_array_equal(out.terms["bpd_per_draw"], direct.bpd)
+    assert np.all(np.asarray(out.terms["bpd"]) < np.asarray(out.terms["bpd_per_draw"]))
+    assert out.mc_stderr is None
+    assert method.settings(exp.eval)["ode_importance_weighted"] is True
 
 
 @pytest.mark.parametrize("name", sorted(eval_methods.EVAL_METHODS))

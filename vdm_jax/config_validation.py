@@ -224,7 +224,8 @@ def validate(
             f"config.eval.method={config.eval.method!r} needs a continuous-time model, and "
             f"config.model.timesteps={timesteps} (allowed: {discrete_ok})",
         )
-        if isinstance(config.eval.num_time_samples, int):
+        counts = (config.eval.num_time_samples, config.eval.ode_dequant_samples)
+        if all(isinstance(v, int) for v in counts):
             problems.extend(method.check(specs.from_section(specs.EvalSpec, config.eval)))
     for field in ("eval.ode_rtol", "eval.ode_atol"):
         _range(problems, config, field, lambda v: v > 0, "a number > 0")

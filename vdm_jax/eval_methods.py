@@ -230,9 +230,12 @@ def fit_time_proposal(
 
 
 def _ode_terms(settings: EvalSpec) -> tuple[str, ...]:
+    names = ("bpd",)
+    if settings.ode_importance_weighted:
+        names += ("bpd_per_draw",)
     if ode_likelihood.DEQUANTIZATIONS[settings.ode_dequantization].has_decoder:
-        return ("bpd", "bpd_recon")
-    return ("bpd",)
+        names += ("bpd_recon",)
+    return names
 
 
 def probability_flow(
@@ -245,8 +248,13 @@ def probability_flow(
     loss: LossConfig,
     settings: EvalSpec,
 ) -> Estimate:
-    """:func:`vdm_jax.ode_likelihood.ode_bpd` with the ``ode_*`` settings; the Monte Carlo
-    error is over ``ode_dequant_samples`` draws (None with one draw)."""
+    """:func:`vdm_jax.ode_likelihood.ode_bpd` with the ``ode_*`` settings.
+
+    ``bpd`` is the mean of the per-draw bounds, with its Monte Carlo error over the
+    ``ode_dequant_samples`` draws (None with one draw); with ``ode_importance_weighted`` it is
+    the importance-weighted bound over the draws (no Monte Carlo error: it is not a mean),
+    and ``bpd_per_draw`` the mean.
+    """
     del prepared
     result = ode_likelihood.ode_bpd(
         key,
@@ -260,11 +268,16 @@ def probability_flow(
         rtol=settings.ode_rtol,
         atol=settings.ode_atol,
     )
-    terms = {"bpd": result.bpd, "bpd_recon": result.bpd_recon}
+    weighted = settings.ode_importance_weighted
+    terms = {
+        "bpd": result.bpd_importance_weighted if weighted else result.bpd,
+        "bpd_per_draw": result.bpd,
+        "bpd_recon": result.bpd_recon,
+    }
     nfe = jnp.broadcast_to(result.num_function_evals, result.bpd.shape).astype(jnp.float32)
     return Estimate(
         {k: terms[k] for k in _ode_terms(settings)},
-        mc_stderr=result.bpd_stderr if settings.ode_dequant_samples > 1 else None,
+        mc_stderr=result.bpd_stderr if settings.ode_dequant_samples > 1 and not weighted else None,
         num_function_evals=nfe,
     )
 
@@ -276,7 +289,17 @@ def _ode_settings(settings: EvalSpec) -> dict[str, Any]:
         "ode_divergence": settings.ode_divergence,
         "ode_dequant_samples": settings.ode_dequant_samples,
         "ode_dequantization": settings.ode_dequantization,
+        "ode_importance_weighted": settings.ode_importance_weighted,
     }
+
+
+def _weighted_needs_draws(settings: EvalSpec) -> list[str]:
+    if settings.ode_importance_weighted and settings.ode_dequant_samples < 2:
+        return [
+            f"config.eval.ode_importance_weighted=True needs config.eval.ode_dequant_samples "
+            f">= 2 to weight, got {settings.ode_dequant_samples!r} (allowed: >= 2, or False)"
+        ]
+    return []
 
 
 def _adaptive(settings: EvalSpec) -> None:
@@ -318,5 +341,6 @@ EVAL_METHODS: dict[str, EvalMethod] = {
         continuous_only=True,
         network_evals_per_image=_adaptive,
         settings=_ode_settings,
+        check=_weighted_needs_draws,
     ),
 }

@@ -15,6 +15,13 @@ and its lower-variance estimators are in :mod:`vdm_jax.elbo_estimators`.
   2021, who add 7 bits for data in [-1, 1] and 8-bit images: ``log2(K / 2)`` with
   ``K = 256``), so it is comparable with their numbers, and *not* with numbers that use
   variational or truncated-normal dequantization.
+* **Truncated-normal dequantization** (``dequantization="truncated_normal"``; Zheng et al.,
+  2023, "Improved Techniques for Maximum Likelihood Estimation for Diffusion ODEs", i-DODE):
+  the same bound on ``-log P_ODE(x)``, with the noise drawn from ``q(u)``, a normal of scale
+  ``sigma_t0 / alpha_t0`` truncated to x's bin (variational dequantization):
+  ``E_q[-log p_Y(f(x) + u) + log q(u)]``. Around a bin centre the model's density has about
+  the diffusion's own width ``sigma_t0 / alpha_t0``; ``q`` follows it, where the uniform
+  dequantization pays for the empty parts of the bin.
 * **Decoder dequantization** (``dequantization="decoder"``):
   ``E_{z_0 ~ q(z_0|x)}[-log p(x|z_0) - log p_ODE(z_0) + log q(z_0|x)]`` bounds
   ``-log P_ODE+dec(x)`` for the model ``z_0 ~ p_ODE`` (the ODE's density at ``t = 0``)
@@ -27,6 +34,13 @@ and its lower-variance estimators are in :mod:`vdm_jax.elbo_estimators`.
   density on a few of the draws from ``q(z_0 | x)`` (a tiny MLP with ``gamma_0 ~ -9.4`` gave
   ~90 nats instead of ~3.5 for one draw in a few hundred, at any solver tolerance), so look
   at the spread of the per-image values, not only the mean.
+
+Each bound is an expectation over dequantization draws ``s``; ``-log mean_s exp(-bound_s)``
+over S draws is also a bound in expectation, and tighter as S grows (importance weighting,
+Burda et al. 2016; MuLAN reports its ODE figure so with S = 20). With Hutchinson traces each
+``bound_s`` is noisy, and ``exp`` of a noisy log-density is biased upwards, so the
+importance-weighted figure can sit below the bound by about the trace noise; exact traces
+keep it a bound.
 
 ``P_VDM`` (the ELBO's model) and ``P_ODE`` are different models of the same data, so neither
 bound bounds the other; for a well-trained model they should be close. One caveat: VDM trains
@@ -489,8 +503,27 @@ class Dequantization(NamedTuple):
     has_decoder: bool
 
 
+def truncated_normal_dequantization(
+    key: jax.Array, x: jax.Array, gamma_t0: jax.Array, vocab_size: int
+) -> Dequantized:
+    """``z = alpha_t0 (f(x) + u)`` with ``u`` normal of scale ``sigma_t0 / alpha_t0`` truncated
+    to x's bin, offset ``log q(u) - D log alpha_t0``: see :func:`ode_bpd`."""
+    dims = _flat_dims(x.shape)
+    log_alpha = 0.5 * schedules.log_alpha2(gamma_t0)
+    log_scale = 0.5 * gamma_t0  # log(sigma / alpha): the model's own smoothing of a bin centre
+    limit = jnp.exp(-log_scale) / vocab_size  # half a bin (1 / K) in units of the scale
+    n = jax.random.truncated_normal(key, -limit, limit, x.shape, jnp.float32)
+    y = diffusion.encode(x, vocab_size) + jnp.exp(log_scale) * n
+    # log q(u) per dimension: log N(n; 0, 1) - log scale - log(Phi(limit) - Phi(-limit)).
+    log_mass = jnp.log1p(-jax.scipy.special.erfc(limit / math.sqrt(2.0)))
+    log_q = standard_normal_log_prob(n) - dims * (log_scale + log_mass)
+    zeros = jnp.zeros((x.shape[0],), jnp.float32)
+    return Dequantized(jnp.exp(log_alpha) * y, log_q - dims * log_alpha, zeros)
+
+
 DEQUANTIZATIONS: dict[str, Dequantization] = {
     "uniform": Dequantization(uniform_dequantization, has_decoder=False),
+    "truncated_normal": Dequantization(truncated_normal_dequantization, has_decoder=False),
     "decoder": Dequantization(decoder_dequantization, has_decoder=True),
 }
 
@@ -538,6 +571,12 @@ def ode_bpd(
     part of the model, not of the dequantization. Any ``t0`` gives a valid bound, for the
     model defined by its own ``p_t0``.
 
+    ``dequantization="truncated_normal"`` (i-DODE) bounds the same ``P(x)`` with ``u`` drawn
+    from ``q(u)``, a normal ``N(0, tau^2)`` with ``tau = sigma_t0 / alpha_t0``, truncated to
+    ``[-1/K, 1/K)`` per dimension (the bin around ``f(x)``): by Jensen's inequality,
+    ``-log P(x) <= E_q[-log p_Y(f(x) + u) + log q(u)]`` for any ``q`` on the bin, and ``log q``
+    is ``sum_i log N(u_i; 0, tau^2) - log(Phi(1/(K tau)) - Phi(-1/(K tau)))``.
+
     ``dequantization="decoder"`` (the VDM's own encoder and decoder). The discrete model is
     ``P(x) = integral p_t0(z) p(x | z) dz`` with the ODE density ``p_t0`` and the ELBO's
     discretized decoder ``p(x | z)`` at ``gamma_t0``. With ``z = alpha_t0 f(x) + sigma_t0
@@ -557,7 +596,7 @@ def ode_bpd(
       vocab_size: K.
       num_dequant_samples: S, dequantization draws per example; all ``S B`` points go
         through one batched solve, each with its own probe.
-      dequantization: ``"uniform"`` or ``"decoder"`` (see above).
+      dequantization: ``"uniform"``, ``"truncated_normal"`` or ``"decoder"`` (see above).
       divergence: ``"hutchinson"`` (images) or ``"exact"`` (small D).
       probe: ``"rademacher"`` or ``"gaussian"``.
       rtol: relative tolerance.

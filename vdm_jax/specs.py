@@ -138,6 +138,7 @@ class EvalSpec:
     ode_divergence: str = may_change()
     ode_dequant_samples: int = may_change()
     ode_dequantization: str = may_change()
+    ode_importance_weighted: bool = may_change()
     reference_checkpoint: str | None = may_change()
 
 
