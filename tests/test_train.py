@@ -56,6 +56,7 @@ def test_train_resume_evaluate_sample(tmp_path):
     for name in ("bpd", "bpd_stderr", "bpd_prior", "bpd_recon", "bpd_diff"):
         assert events[f"eval/{name}"] == [4], name
     assert events["samples"] == [4]
+    assert events["samples/frechet_distance"] == [4]
     with open(os.path.join(workdir, "eval_step_4.json")) as f:
         during_training = json.load(f)
     assert during_training["num_examples"] == 297  # The whole split, padding masked out.

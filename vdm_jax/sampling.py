@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm_jax import checkpoint, model, outputs, samplers, sharding, state
+from vdm_jax import checkpoint, metrics, model, outputs, sample_quality, samplers, sharding, state
 from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
 from vdm_jax.preemption import Preemption
@@ -77,10 +77,23 @@ def draw(
     return np.concatenate(batches)[: exp.sample.num_samples]
 
 
+def quality(exp: Experiment, samples: np.ndarray, workdir: str) -> dict[str, float]:
+    """``samples/...`` scalars: the Fréchet distance of ``samples`` [N, H, W, C] to the held-out
+    split and its real-data floor (:mod:`vdm_jax.sample_quality`); empty when the dataset has
+    no feature network or N < 2."""
+    name = exp.info.name
+    if name not in sample_quality.FEATURE_NETS or len(samples) < 2:
+        return {}
+    net = sample_quality.load_or_fit(name, workdir, write=jax.process_index() == 0)
+    figures = sample_quality.frechet_to_heldout(samples, net, name, exp.data.data_dir)
+    return {f"samples/{k}": v for k, v in figures.items()}
+
+
 def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
     """``--mode=sample``: ``sample.num_samples`` samples from the latest checkpoint.
 
-    Writes ``{workdir}/samples/step_{step}.png`` and ``.npz`` (process 0).
+    Writes ``{workdir}/samples/step_{step}.png`` and ``.npz`` (process 0), and logs the
+    sample-quality figures of :func:`quality` to the console and TensorBoard.
 
     Returns:
       The samples, int32 [N, H, W, C].
@@ -89,7 +102,17 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
     workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     samples = draw(exp, params, make_sample_fn(exp))
+    scalars = quality(exp, samples, workdir)
+    if scalars:
+        writer = metrics.MetricWriter(workdir)
+        writer.write_scalars(step, scalars)
+        writer.close()
     if jax.process_index() == 0:
         path = outputs.write_samples(samples, exp.info.vocab_size, workdir, step)
         print(f"Wrote {len(samples)} samples of step {step} to {path} and .npz")
+        if scalars:
+            print(
+                f"Fréchet distance to the held-out images {scalars['samples/frechet_distance']:.3f}"
+                f" ({len(samples)} training images: {scalars['samples/frechet_distance_real']:.3f})"
+            )
     return samples

@@ -393,9 +393,13 @@ def _sample(
     step: int,
     preempt: preemption.Preemption,
 ) -> None:
-    """Samples from the EMA parameters during training, as a TensorBoard grid and files."""
+    """Samples from the EMA parameters during training, as a TensorBoard grid and files, with
+    their quality figures (:func:`vdm_jax.sampling.quality`)."""
     samples = sampling.draw(exp, train_state.ema_params, sample_fn, preempt)
     vocab_size = exp.info.vocab_size
     writer.write_images(step, {"samples": outputs.image_grid(samples, vocab_size)})
+    scalars = sampling.quality(exp, samples, workdir)
+    if scalars:
+        writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
         outputs.write_samples(samples, vocab_size, workdir, step)
