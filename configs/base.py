@@ -18,7 +18,8 @@ Fields:
     identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
     entry) is what the network predicts: "eps", "x" or "v". ``weighting`` (a
     :data:`vdm_jax.weightings.WEIGHTINGS` entry) weights the denoiser's diffusion loss by
-    log-SNR; ``weighting_bias`` is the sigmoid weighting's bias.
+    log-SNR; ``weighting_bias`` is the sigmoid weighting's bias. ``adaptive_time`` draws
+    training times from an importance distribution tracked during training.
   optimizer.*: AdamW with linear warmup, an optional cosine decay to 0 at ``decay_steps``,
     optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
@@ -87,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     # schedule's endpoints always train on the ELBO, and evaluation always reports it.
     config.model.weighting = "elbo"
     config.model.weighting_bias = 0.0
+    # True: training times from q(t) ~ the RMS of the diffusion integrand, tracked over
+    # training (VDM++'s adaptive importance distribution; continuous time only).
+    config.model.adaptive_time = False
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4

@@ -118,6 +118,10 @@ def test_command_line_overrides():
             {"model.parameterization": "score"},
             r"config\.model\.parameterization='score'.*'eps', 'v', 'x'",
         ),
+        (
+            {"model.adaptive_time": True, "model.timesteps": 10, "sample.num_steps": 10},
+            r"config\.model\.adaptive_time=True needs continuous time",
+        ),
         ({"model.weighting": "p2"}, r"config\.model\.weighting='p2'.*'edm', 'elbo', 'sigmoid'"),
         ({"data.vocab_size": 256}, r"config\.data\.vocab_size=256 does not match .*allowed: 17"),
         ({"training.num_steps": -5}, r"config\.training\.num_steps=-5 .*integer >= 1"),

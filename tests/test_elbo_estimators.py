@@ -138,3 +138,16 @@ def test_elbo_eval_is_unbiased_against_the_training_estimator():
     assert abs(float(mean) - ref_mean) < 4 * math.hypot(float(se), ref_se)
     mc_var = np.mean((total - np.asarray(b.total, np.float64)) ** 2) / 2
     assert np.mean(np.asarray(a.total_stderr, np.float64) ** 2) == pytest.approx(mc_var, rel=0.3)
+
+
+def test_moment_tracking_and_the_proposal_it_gives():
+    """update_moments: a per-bin moving average of L^2 (bins without samples unchanged);
+    proposal_from_moments: q proportional to the root, mixed with 10% uniform."""
+    moments = jnp.asarray([1.0, 4.0, 9.0, 16.0])
+    t = jnp.asarray([0.1, 0.15, 0.6, 0.9])  # bins 0, 0, 2, 3; bin 1 empty
+    integrand = jnp.asarray([2.0, 4.0, -1.0, 0.0])
+    got = elbo_estimators.update_moments(moments, t, integrand, decay=0.9)
+    want = [0.9 * 1 + 0.1 * (4 + 16) / 2, 4.0, 0.9 * 9 + 0.1 * 1, 0.9 * 16]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    probs = elbo_estimators.proposal_from_moments(moments).bin_probs
+    np.testing.assert_allclose(probs, 0.9 * np.array([1, 2, 3, 4]) / 10 + 0.1 / 4, rtol=1e-6)

@@ -93,6 +93,24 @@ def test_train_resume_evaluate_sample(tmp_path):
     assert during.shape == samples.shape
 
 
+def test_adaptive_time_tracks_the_integrand_in_the_train_state():
+    """model.adaptive_time: the state carries per-bin second moments from the first step on,
+    updated where the batch's times fell (and only there)."""
+    config = tiny_config(**{"model.adaptive_time": True})
+    exp = experiment.build(config, jax.devices()[:1])
+    train_state = state.create_train_state(exp)
+    np.testing.assert_array_equal(train_state.time_moments, np.ones(state.TIME_BINS))
+    step_fn = train.make_train_step(exp)
+    batch = next(data.train_iterator("digits", global_batch_size=16, seed=0, prefetch=0))
+    new_state, metrics = step_fn(train_state, train.train_inputs(exp, batch))
+    moments = np.asarray(new_state.time_moments)
+    assert bool(metrics["finite"]) and np.all(np.isfinite(moments)) and np.all(moments > 0)
+    changed = moments != 1.0
+    assert 0 < changed.sum() <= 16  # one bin per example at most
+    assert tiny_config().model.adaptive_time is False  # off by default: no state field
+    assert state.create_train_state(experiment.build(tiny_config())).time_moments is None
+
+
 @pytest.mark.slow
 def test_eight_devices_match_one_device():
     config = tiny_config(**{"eval.num_time_samples": 2})

@@ -209,6 +209,12 @@ def validate(
     timesteps, sample_steps = config.model.timesteps, config.sample.num_steps
     _check(
         problems,
+        not (config.model.adaptive_time and isinstance(timesteps, int) and timesteps > 0),
+        f"config.model.adaptive_time=True needs continuous time, and config.model.timesteps="
+        f"{timesteps} (allowed: timesteps 0, or adaptive_time False)",
+    )
+    _check(
+        problems,
         not (isinstance(timesteps, int) and timesteps > 0) or sample_steps == timesteps,
         f"config.sample.num_steps={sample_steps!r} must equal config.model.timesteps="
         f"{timesteps} for a discrete-time model (allowed: {timesteps})",

@@ -92,15 +92,40 @@ def fit_proposal(
     """
     if not 0.0 < uniform_mix <= 1.0:
         raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
+    mean_sq, count = _binned_mean_squares(t, integrand, num_bins)
+    return proposal_from_moments(jnp.where(count > 0, mean_sq, jnp.max(mean_sq)), uniform_mix)
+
+
+def _binned_mean_squares(
+    t: jax.Array, integrand: jax.Array, num_bins: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per bin of t: the mean of ``integrand^2`` (0 where empty) and the count, [M] each."""
     t, integrand = t.reshape(-1), integrand.reshape(-1).astype(jnp.float32)
     m = jnp.clip(jnp.floor(t * num_bins).astype(jnp.int32), 0, num_bins - 1)
     sum_sq = jax.ops.segment_sum(jnp.square(integrand), m, num_segments=num_bins)
     count = jax.ops.segment_sum(jnp.ones_like(integrand), m, num_segments=num_bins)
-    rms = jnp.sqrt(sum_sq / jnp.maximum(count, 1.0))
-    rms = jnp.where(count > 0, rms, jnp.max(rms))
+    return sum_sq / jnp.maximum(count, 1.0), count
+
+
+def proposal_from_moments(second_moments: jax.Array, uniform_mix: float = 0.1) -> TimeProposal:
+    """q(t) proportional to ``sqrt(E[L^2 | bin])`` from per-bin second moments [M], mixed with
+    ``uniform_mix`` of the uniform density (see :func:`fit_proposal`)."""
+    rms = jnp.sqrt(second_moments)
     probs = rms / jnp.sum(rms)
-    probs = (1.0 - uniform_mix) * probs + uniform_mix / num_bins
-    return TimeProposal(probs)
+    num_bins = second_moments.shape[0]
+    return TimeProposal((1.0 - uniform_mix) * probs + uniform_mix / num_bins)
+
+
+def update_moments(
+    second_moments: jax.Array, t: jax.Array, integrand: jax.Array, decay: float
+) -> jax.Array:
+    """Exponential moving average of ``E[L^2 | bin]`` [M] with one batch of times ``t`` and
+    integrand values ``L(t)`` (not divided by the proposal density); bins the batch missed
+    keep their value. The training-time proposal of ``model.adaptive_time``."""
+    num_bins = second_moments.shape[0]
+    mean_sq, count = _binned_mean_squares(t, integrand, num_bins)
+    updated = decay * second_moments + (1.0 - decay) * mean_sq
+    return jnp.where(count > 0, updated, second_moments)
 
 
 def _stratified(key: jax.Array, batch_size: int, replicates: int, per: int) -> jax.Array:

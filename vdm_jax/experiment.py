@@ -136,6 +136,7 @@ def build(
             schedule_grad=model_spec.schedule_grad,
             weighting=model_spec.weighting,
             weighting_bias=model_spec.weighting_bias,
+            adaptive_time=model_spec.adaptive_time,
         ),
         conditioning=cond,
         optimizer=specs.from_section(OptimizerSpec, config.optimizer),

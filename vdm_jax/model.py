@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, parameterizations, schedules, weightings
+from vdm_jax import diffusion, elbo_estimators, parameterizations, schedules, weightings
 
 Params = Any
 ScheduleFn = Callable[[Params, jax.Array], jax.Array]  # (params, t) -> gamma_t
@@ -44,6 +44,10 @@ class LossConfig:
       weighting: a :data:`vdm_jax.weightings.WEIGHTINGS` key: the denoiser trains on the
         diffusion loss weighted by ``w(log-SNR)`` (``"elbo"``: w = 1, the ELBO itself).
       weighting_bias: ``b`` of the ``"sigmoid"`` weighting.
+      adaptive_time: draw training times from a proposal q(t) proportional to the root mean
+        square of the (weighted) diffusion integrand, tracked during training (VDM++'s
+        adaptive importance distribution; continuous time only). The train state keeps the
+        per-bin second moments (:func:`vdm_jax.elbo_estimators.update_moments`).
     """
 
     vocab_size: int
@@ -52,6 +56,7 @@ class LossConfig:
     schedule_grad: str = "elbo"
     weighting: str = "elbo"
     weighting_bias: float = 0.0
+    adaptive_time: bool = False
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -62,6 +67,8 @@ class LossConfig:
             raise ValueError(
                 f"schedule_grad must be one of {SCHEDULE_GRADS}, got {self.schedule_grad!r}"
             )
+        if self.adaptive_time and self.timesteps:
+            raise ValueError("adaptive_time needs continuous time (timesteps = 0)")
         if self.weighting not in weightings.WEIGHTINGS:
             raise ValueError(
                 f"weighting must be one of {sorted(weightings.WEIGHTINGS)}, got {self.weighting!r}"
@@ -119,6 +126,7 @@ def loss_and_grads(
     x: jax.Array,
     key: jax.Array,
     cfg: LossConfig,
+    proposal: elbo_estimators.TimeProposal | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], tuple[Params, Params]]:
     """Mean negative ELBO in bits/dim over a batch, its terms, and the training gradients.
 
@@ -145,20 +153,29 @@ def loss_and_grads(
       x: [B, ...] integer data in {0..K-1}.
       key: PRNG key for times and noise.
       cfg: loss configuration.
+      proposal: continuous time only: draw the times from this q(t) (the batch's uniforms,
+        antithetic or not, through its inverse CDF) and divide each diffusion weight by
+        q(t), which keeps every estimate unbiased; None: uniform times.
 
     Returns:
       ``((loss, terms), (schedule_grads, denoise_grads))`` where ``loss`` is the mean
       negative ELBO in bits/dim and ``terms`` maps ``prior``, ``recon``, ``diffusion`` to
       per-example bits/dim, [B], and, for a weighting other than ``"elbo"``,
-      ``diffusion_weighted`` to the weighted diffusion term in the same units.
+      ``diffusion_weighted`` to the weighted diffusion term in the same units; with a
+      proposal, also ``time`` to each example's t and ``time_density`` to q(t), [B].
     """
     key_t, key_noise = jax.random.split(key)
     batch = x.shape[0]
     num_dims = math.prod(x.shape[1:])
     t = diffusion.sample_times(key_t, batch, cfg.antithetic_time)
+    if proposal is not None:
+        if cfg.timesteps:
+            raise ValueError("a time proposal needs continuous time (timesteps = 0)")
+        t, density = elbo_estimators.sample_proposal(proposal, t)
 
     def values_of(p: Params) -> diffusion.ScheduleValues:
-        return diffusion.schedule_values(lambda u: schedule_fn(p, u), t, cfg.timesteps)
+        values = diffusion.schedule_values(lambda u: schedule_fn(p, u), t, cfg.timesteps)
+        return values if proposal is None else values._replace(weight=values.weight / density)
 
     values, schedule_vjp = jax.vjp(values_of, schedule_params)
     w, dw_dgamma = weightings.weight_and_slope(cfg.weighting, cfg.weighting_bias, values.gamma_t)
@@ -190,6 +207,8 @@ def loss_and_grads(
     loss = jnp.mean(sum(terms.values()))
     if cfg.weighting != "elbo":
         terms = {**terms, "diffusion_weighted": weighted}
+    if proposal is not None:
+        terms = {**terms, "time": t, "time_density": density}
     return (loss, terms), (schedule_grads, denoise_grads)
 
 
@@ -201,6 +220,7 @@ def vdm_loss_and_grads(
     cfg: LossConfig,
     *,
     train: bool = True,
+    proposal: elbo_estimators.TimeProposal | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Params]:
     """:func:`loss_and_grads` for a :class:`VDM`; grads have the structure of ``params``.
 
@@ -211,6 +231,7 @@ def vdm_loss_and_grads(
       key: PRNG key for times, noise and dropout.
       cfg: loss configuration.
       train: enables dropout.
+      proposal: training times' q(t) (see :func:`loss_and_grads`).
     """
     key_loss, key_dropout = jax.random.split(key)
     label = batch.get("label")
@@ -237,6 +258,7 @@ def vdm_loss_and_grads(
         batch["image"],
         key_loss,
         cfg,
+        proposal,
     )
     grads = {"score_net": net_grads}
     if "schedule" in params:

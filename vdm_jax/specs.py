@@ -69,6 +69,7 @@ class ModelSpec:
     parameterization: str
     weighting: str
     weighting_bias: float
+    adaptive_time: bool
 
     def build(self, num_classes: int) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""

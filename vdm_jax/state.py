@@ -35,6 +35,8 @@ class TrainState:
       ema_params: exponential moving average of ``params`` (used to evaluate and sample).
       opt_state: the optimizer's state.
       rng: [2] uint32 raw PRNG key; step ``s`` draws from ``fold_in(rng, s)``.
+      time_moments: [TIME_BINS] per-bin second moments of the diffusion integrand, from
+        which ``model.adaptive_time`` draws training times; None without it.
     """
 
     step: jax.Array
@@ -42,6 +44,12 @@ class TrainState:
     ema_params: Params
     opt_state: optax.OptState
     rng: jax.Array
+    time_moments: jax.Array | None = None
+
+
+# Bins of the adaptive training-time proposal, and the moving average's decay per step.
+TIME_BINS = 32
+TIME_MOMENTS_DECAY = 0.99
 
 
 def num_bytes(tree: Any) -> int:
@@ -115,6 +123,7 @@ def _init_fn(exp: Experiment) -> Callable[[jax.Array], TrainState]:
             ema_params=jax.tree.map(jnp.copy, params),
             opt_state=optimizer.init(params),
             rng=train_key,
+            time_moments=jnp.ones((TIME_BINS,), jnp.float32) if exp.loss.adaptive_time else None,
         )
 
     return init

@@ -28,6 +28,7 @@ from absl import logging
 from vdm_jax import (
     checkpoint,
     data,
+    elbo_estimators,
     eval_methods,
     evaluate,
     metrics,
@@ -94,7 +95,11 @@ def train_step(
     # The step's randomness depends only on (seed, step): not on devices or restarts.
     key = jax.random.fold_in(train_state.rng, train_state.step)
     params = layout.gather(train_state.params)
-    (loss, terms), grads = model.vdm_loss_and_grads(vdm, params, batch, key, loss_cfg)
+    moments = train_state.time_moments
+    proposal = None if moments is None else elbo_estimators.proposal_from_moments(moments)
+    (loss, terms), grads = model.vdm_loss_and_grads(
+        vdm, params, batch, key, loss_cfg, proposal=proposal
+    )
     grads = layout.shard(grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -105,8 +110,18 @@ def train_step(
         ema_params = jax.tree.map(
             lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, old.ema_params, params
         )
-        return old.replace(
+        new = old.replace(
             step=old.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+        if moments is None:
+            return new
+        # The integrand at each time, undivided by q: what the variance-minimising q tracks.
+        trained = terms.get("diffusion_weighted", terms["diffusion"])
+        integrand = trained * terms["time_density"]
+        return new.replace(
+            time_moments=elbo_estimators.update_moments(
+                moments, terms["time"], integrand, state.TIME_MOMENTS_DECAY
+            )
         )
 
     # A branch, not a select over every leaf: the select read both versions of each donated
