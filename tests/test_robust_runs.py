@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+import flax.struct
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -181,6 +182,39 @@ def test_a_tampered_digest_is_named_as_corruption(tmp_path):
     with checkpoint.make_manager(path, read_only=True) as manager:
         with pytest.raises(checkpoint.CorruptCheckpointError, match="digest"):
             checkpoint._restore_verified(manager, 2, state.abstract_train_state(exp))
+
+
+@flax.struct.dataclass
+class _StateBeforeTimeMoments:
+    """TrainState's layout before its optional ``time_moments`` field existed."""
+
+    step: jax.Array
+    params: object
+    ema_params: object
+    opt_state: object
+    rng: jax.Array
+
+
+def test_checkpoints_from_before_an_optional_state_field_still_restore(tmp_path):
+    """A state without ``time_moments`` saves the old layout, and an old checkpoint (the
+    dataclass without the field) restores into today's state, digest verified."""
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    fresh = state.create_train_state(exp)
+    old = _StateBeforeTimeMoments(**{k: getattr(fresh, k) for k in _OLD_FIELDS})
+    path = str(tmp_path)
+    with checkpoint.make_manager(path) as manager:
+        manager.save(
+            3,
+            args=ocp.args.StandardSave(old),
+            custom_metadata={checkpoint.DIGEST_KEY: checkpoint.state_digest(old)},
+        )
+        manager.wait_until_finished()
+    restored = checkpoint.restore_latest(path, state.abstract_train_state(exp))
+    assert restored is not None and restored.time_moments is None
+    assert_trees_close(restored, fresh, rtol=0, atol=0)
+
+
+_OLD_FIELDS = ("step", "params", "ema_params", "opt_state", "rng")
 
 
 def test_state_digest_changes_with_any_single_word():

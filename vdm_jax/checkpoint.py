@@ -16,6 +16,7 @@ later save of the same step cannot collide with it; evaluation and sampling only
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any
@@ -92,6 +93,14 @@ def state_digest(tree: Any) -> list[list[int]]:
     return np.asarray(jax.device_get(_leaf_digests(jax.tree.leaves(tree)))).tolist()
 
 
+def _saved_tree(train_state: TrainState) -> dict[str, Any]:
+    """The state as the dict of its fields that a checkpoint holds: optional fields that are
+    None (e.g. ``time_moments`` without ``model.adaptive_time``) are left out, so the
+    checkpoints of a run without them keep the layout of the runs before they existed."""
+    fields = {f.name: getattr(train_state, f.name) for f in dataclasses.fields(train_state)}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def save(manager: ocp.CheckpointManager, train_state: TrainState, step: int) -> None:
     """Starts saving ``train_state`` as checkpoint ``step`` with its digest.
 
@@ -103,7 +112,7 @@ def save(manager: ocp.CheckpointManager, train_state: TrainState, step: int) -> 
         return
     manager.save(
         step,
-        args=ocp.args.StandardSave(train_state),
+        args=ocp.args.StandardSave(_saved_tree(train_state)),
         force=True,
         custom_metadata={DIGEST_KEY: state_digest(train_state)},
     )
@@ -114,7 +123,8 @@ def _restore_verified(
     manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
 ) -> TrainState:
     """Checkpoint ``step``, checked against its recorded digest (when it has one)."""
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    tree = manager.restore(step, args=ocp.args.StandardRestore(_saved_tree(abstract_state)))
+    restored = abstract_state.replace(**tree)
     recorded = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
     if recorded is None:
         logging.info("Checkpoint %d has no recorded digest (an older run); not verified.", step)
