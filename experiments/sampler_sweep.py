@@ -86,7 +86,7 @@ def measure(
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """The distance against network evaluations (log-log), one line per sampler."""
+    """The distance against network evaluations (log scale), one line per sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +100,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.plot(x, [r["frechet_distance"] for r in mine], marker="o", label=label)
     ax.axhline(rows[0]["frechet_distance_real"], color="gray", linestyle="--", label="real images")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("Fréchet distance to held-out images")
     ax.legend()

@@ -371,6 +371,23 @@ def _decoder_bound_and_nll(x: np.ndarray, gamma_0: float) -> tuple[float, float]
     return float(np.sum(w * integrand)), -math.log(prob)
 
 
+def _mixture_ode_bpd(x, gamma_0, dequantization, samples, seed):
+    return jax.jit(
+        lambda key, x: ode_likelihood.ode_bpd(
+            key,
+            x,
+            _mix_schedule(gamma_0),
+            mixture_eps_fn,
+            vocab_size=_MIX_K,
+            num_dequant_samples=samples,
+            dequantization=dequantization,
+            divergence="exact",
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    )(jax.random.key(seed), jnp.asarray(x))
+
+
 @pytest.mark.parametrize(("gamma_0", "tol"), [(-13.3, 2e-3), (-3.0, 1e-4)])
 def test_ode_recovers_the_mixture_density_from_its_exact_score(gamma_0, tol):
     """A multimodal density: with q(z_1) as the prior, the ODE's log p_0(z) is log q(z_0).
@@ -420,20 +437,7 @@ def test_decoder_dequantized_bound_matches_quadrature_and_bounds_the_exact_nll(g
     """
     x = np.array([[0, 0], [1, 2], [3, 1], [2, 2]])
     samples = 64
-    out = jax.jit(
-        lambda key, x: ode_likelihood.ode_bpd(
-            key,
-            x,
-            _mix_schedule(gamma_0),
-            mixture_eps_fn,
-            vocab_size=_MIX_K,
-            num_dequant_samples=samples,
-            dequantization="decoder",
-            divergence="exact",
-            rtol=1e-6,
-            atol=1e-6,
-        )
-    )(jax.random.key(6), jnp.asarray(x))
+    out = _mixture_ode_bpd(x, gamma_0, "decoder", samples, seed=6)
     assert bool(out.success)
     to_bits = 1.0 / (2 * math.log(2))
     bpd = np.asarray(out.bpd, np.float64)
@@ -517,23 +521,6 @@ def _truncated_normal_bound(x: np.ndarray, gamma_0: float, nodes: int = 96) -> f
     y = 2.0 * (x + 0.5) / _MIX_K - 1.0 + u
     log_p_y = _mix_log_q(math.sqrt(a2) * y, gamma_0) + 2 * 0.5 * math.log(a2)
     return float(np.sum(w * (log_q - log_p_y)))
-
-
-def _mixture_ode_bpd(x, gamma_0, dequantization, samples, seed):
-    return jax.jit(
-        lambda key, x: ode_likelihood.ode_bpd(
-            key,
-            x,
-            _mix_schedule(gamma_0),
-            mixture_eps_fn,
-            vocab_size=_MIX_K,
-            num_dequant_samples=samples,
-            dequantization=dequantization,
-            divergence="exact",
-            rtol=1e-6,
-            atol=1e-6,
-        )
-    )(jax.random.key(seed), jnp.asarray(x))
 
 
 @pytest.mark.parametrize("gamma_0", [-3.0, -6.0])
