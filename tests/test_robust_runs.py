@@ -4,6 +4,7 @@ cause."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,16 @@ from runner_helpers import (
     train_run,
 )
 
-from vdm_jax import checkpoint, config_validation, experiment, reference, state, workdir
+from configs import base as base_config
+from vdm_jax import (
+    checkpoint,
+    config_validation,
+    experiment,
+    reference,
+    specs,
+    state,
+    workdir,
+)
 
 NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
 
@@ -236,6 +246,32 @@ def test_state_digest_changes_with_any_single_word():
 
 
 @pytest.mark.slow
+def test_a_record_from_before_a_field_existed_reads_as_its_former_value(tmp_path):
+    """Fields added later (``specs.added``): a record without them is compared as the value
+    the code had then, which is also the base config's default; another value is refused."""
+    path = str(tmp_path)
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    workdir.write_config_record(exp, path)
+    record_path = os.path.join(path, workdir.RECORD)
+    with open(record_path) as f:
+        record = json.load(f)
+    base = base_config.get_config()
+    added = 0
+    for section, cls in specs.SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            if "before" in field.metadata:
+                assert field.metadata["before"] == base[section][field.name], field.name
+                del record[section][field.name]
+                added += 1
+    assert added >= 4
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+    workdir.check_config_record(exp, path)  # the former values: accepted
+    other = experiment.build(tiny_config(**{"model.weighting": "edm"}), jax.devices()[:1])
+    with pytest.raises(config_validation.ConfigError, match=r"model\.weighting: 'elbo' -> 'edm'"):
+        workdir.check_config_record(other, path)
+
+
 def test_config_record_refuses_changes_that_mix_runs(tmp_path):
     path = str(tmp_path)
     train_run(tiny_config(**NO_EVAL, **{"training.num_steps": 2}), path)

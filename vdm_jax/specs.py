@@ -9,6 +9,7 @@ Fields marked :func:`may_change` may differ between a workdir's recorded config 
 that resumes, evaluates or samples it (lengths, intervals, evaluation and sampling settings,
 the compute dtype, rematerialisation, the optimizer's step sizes); every other field defines
 the model, the objective or the data order, and a change is refused (:mod:`vdm_jax.workdir`).
+Fields marked :func:`added` came later; a record without one is read as its former value.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from vdm_jax import model, schedules, unet
 def may_change() -> Any:
     """Marks a field that a resumed, evaluated or sampled run may set differently."""
     return dataclasses.field(metadata={"may_change": True})
+
+
+def added(before: Any) -> Any:
+    """Marks a field added after workdirs were written: a workdir whose config record lacks
+    it ran as if it held ``before`` (what the code did then), and is compared so."""
+    return dataclasses.field(metadata={"before": before})
 
 
 # Compute dtypes by name (``model.dtype``); parameters stay float32.
@@ -66,10 +73,10 @@ class ModelSpec:
     label_input: str
     min_group_size: int
     add_z_to_eps: bool
-    parameterization: str
-    weighting: str
-    weighting_bias: float
-    adaptive_time: bool
+    parameterization: str = added("eps")
+    weighting: str = added("elbo")
+    weighting_bias: float = added(0.0)
+    adaptive_time: bool = added(False)
 
     def build(self, num_classes: int) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""

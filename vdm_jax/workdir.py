@@ -113,7 +113,8 @@ def check_config_record(exp: Experiment, workdir: str) -> None:
         refused.append(f"config.seed: {recorded.get('seed')!r} -> {current['seed']!r}")
     for section, cls in specs.SECTIONS.items():
         for field in dataclasses.fields(cls):
-            old = recorded.get(section, {}).get(field.name, "<not recorded>")
+            before = field.metadata.get("before", "<not recorded>")
+            old = recorded.get(section, {}).get(field.name, before)
             new = current[section][field.name]
             if old != new:
                 change = f"config.{section}.{field.name}: {old!r} -> {new!r}"
