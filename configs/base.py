@@ -133,7 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
     # "decoder": z_0 ~ q(z_0 | x) and the ELBO's decoder (comparable with the ELBO).
     config.eval.ode_dequantization = "uniform"
     # True: bpd is -log2 of the mean likelihood ratio over the ode_dequant_samples draws (a
-    # tighter bound, as MuLAN reports with 20 draws); False: the mean of the per-draw bounds.
+    # tighter bound, as MuLAN reports with 20 draws; needs ode_divergence "exact"); False:
+    # the mean of the per-draw bounds.
     config.eval.ode_importance_weighted = False
     # A released google-research/vdm checkpoint to evaluate instead of the workdir's.
     config.eval.reference_checkpoint = config_dict.placeholder(str)

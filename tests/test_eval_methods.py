@@ -131,6 +131,14 @@ def test_eval_settings_are_validated():
             {"eval.method": "ode", "eval.ode_importance_weighted": True},
             r"ode_importance_weighted=True needs config\.eval\.ode_dequant_samples >= 2",
         ),
+        (
+            {
+                "eval.method": "ode",
+                "eval.ode_importance_weighted": True,
+                "eval.ode_dequant_samples": 4,
+            },
+            r"needs exact traces: with config\.eval\.ode_divergence='hutchinson'",
+        ),
     ):
         with pytest.raises(config_validation.ConfigError, match=field):
             config_validation.validate(tiny_config(**overrides), num_devices=1, process_count=1)

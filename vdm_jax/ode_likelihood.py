@@ -39,8 +39,8 @@ Each bound is an expectation over dequantization draws ``s``; ``-log mean_s exp(
 over S draws is also a bound in expectation, and tighter as S grows (importance weighting,
 Burda et al. 2016; MuLAN reports its ODE figure so with S = 20). With Hutchinson traces each
 ``bound_s`` is noisy, and ``exp`` of a noisy log-density is biased upwards, so the
-importance-weighted figure can sit below the bound by about the trace noise; exact traces
-keep it a bound.
+importance-weighted figure falls below the bound by about the trace noise (0.26 bpd on the
+digits model with 4 draws); exact traces keep it a bound, and the evaluation requires them.
 
 ``P_VDM`` (the ELBO's model) and ``P_ODE`` are different models of the same data, so neither
 bound bounds the other; for a well-trained model they should be close. One caveat: VDM trains
