@@ -79,8 +79,8 @@ def draw(
 
 def quality(exp: Experiment, samples: np.ndarray, workdir: str) -> dict[str, float]:
     """``samples/...`` scalars: the Fréchet distance of ``samples`` [N, H, W, C] to the held-out
-    split and its real-data floor (:mod:`vdm_jax.sample_quality`); empty when the dataset has
-    no feature network or N < 2."""
+    split, and that of as many real images (:mod:`vdm_jax.sample_quality`); empty when the
+    dataset has no feature network or N < 2."""
     name = exp.info.name
     if name not in sample_quality.FEATURE_NETS or len(samples) < 2:
         return {}
@@ -113,6 +113,7 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
         if scalars:
             print(
                 f"Fréchet distance to the held-out images {scalars['samples/frechet_distance']:.3f}"
-                f" ({len(samples)} training images: {scalars['samples/frechet_distance_real']:.3f})"
+                f" (as many training images, for scale: "
+                f"{scalars['samples/frechet_distance_real']:.3f})"
             )
     return samples

@@ -52,11 +52,12 @@ def _sigmoid(log_snr: jax.Array, bias: float) -> jax.Array:
 
 def _edm(log_snr: jax.Array, bias: float) -> jax.Array:
     del bias
-    # lambda = -2 log sigma, so lambda ~ N(-2 P_mean, (2 P_std)^2).
+    # lambda = -2 log sigma, so lambda ~ N(-2 P_mean, (2 P_std)^2). In logs: the density alone
+    # underflows float32 below lambda = -29, the weight only below -35 (both above 33).
     mean, std = -2.0 * _EDM_P_MEAN, 2.0 * _EDM_P_STD
-    density = jnp.exp(-0.5 * jnp.square((log_snr - mean) / std)) / (std * math.sqrt(2 * math.pi))
-    s2 = _EDM_SIGMA_DATA**2
-    return density * (jnp.exp(-log_snr) + s2) / s2
+    log_density = -0.5 * jnp.square((log_snr - mean) / std) - math.log(std * math.sqrt(2 * math.pi))
+    log_s2 = 2.0 * math.log(_EDM_SIGMA_DATA)
+    return jnp.exp(log_density + jnp.logaddexp(-log_snr, log_s2) - log_s2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Weighting:
     """A registered weighting.
 
     Attributes:
-      fn: ``(log_snr [B], bias) -> w [B]``, positive.
+      fn: ``(log_snr [B], bias) -> w [B]``, positive (the training gradient divides by it)
+        over the log-SNR a schedule reaches.
       monotone: ``w`` does not increase with the log-SNR (the ELBO-of-augmented-data case).
     """
 
