@@ -9,10 +9,11 @@ endpoints, so the schedule's interior is an importance distribution over log-SNR
 what that buys at the workdir's latest checkpoint: on one fixed batch of training images,
 ``--draws`` draws of times and noise give the denoiser's gradient under the learned schedule
 and under the linear schedule with the same endpoints (uniform in log-SNR). Both estimate the
-same expected gradient; so does a third, VDM++'s adaptive importance distribution itself:
-times from the piecewise-constant q(t) proportional to the root mean square of the weighted
-integrand, fitted on a pilot of the same batch (as ``eval.method=elbo_importance`` fits its
-proposal), which is the learned schedule composed with q's inverse CDF. The script prints
+same expected gradient; so does a third, VDM++'s adaptive importance distribution itself
+(what ``model.adaptive_time`` tracks during training): times from the piecewise-constant
+q(t) proportional to the root mean square of the weighted integrand, fitted on a pilot of
+the same batch (as ``eval.method=elbo_importance`` fits its proposal), with the learned
+schedule and each weight divided by q(t). Unconditional models only. The script prints
 each one's total variance ``E||g - mean g||^2`` and that of the weighted loss, their ratios
 to the linear schedule's, and writes ``{workdir}/schedule_variance.json``.
 """
@@ -44,14 +45,15 @@ def gradient_statistics(
     x: jax.Array,
     keys: jax.Array,
     cfg: model.LossConfig,
+    proposal: elbo_estimators.TimeProposal | None = None,
 ) -> dict[str, float]:
     """Mean and total variance over ``keys`` [N] of the denoiser's gradient and of the
-    objective (the ELBO's terms with the weighted diffusion term), for one batch ``x``."""
+    (weighted) diffusion estimate, for one batch ``x``, with times from ``proposal``."""
 
     @jax.jit
     def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         (_, terms), (_, grads) = model.loss_and_grads(
-            schedule_fn, schedule_params, denoise_fn, denoise_params, x, key, cfg
+            schedule_fn, schedule_params, denoise_fn, denoise_params, x, key, cfg, proposal
         )
         diffusion = terms.get("diffusion_weighted", terms["diffusion"])
         flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
@@ -73,9 +75,13 @@ def gradient_statistics(
 def main(argv: list[str]) -> None:
     del argv
     exp = experiment.build(_CONFIG.value)
+    if exp.conditioning.conditional:
+        raise app.UsageError("only unconditional models (config.model.conditioning='none')")
     params, step = checkpoint.restore_eval_params(exp, _WORKDIR.value)
-    images, _ = data.read_split(exp.info.name, "train", exp.data.data_dir)
-    x = jnp.asarray(images[: exp.training.batch_size])
+    images, _ = data.read_split(
+        exp.info.name, "train", exp.data.data_dir, count=exp.training.batch_size
+    )
+    x = jnp.asarray(images)
     vdm = exp.vdm
 
     def learned(p: model.Params, t: jax.Array) -> jax.Array:
@@ -105,14 +111,12 @@ def main(argv: list[str]) -> None:
     )
     proposal = elbo_estimators.fit_proposal(pilot.t, w * pilot.integrand)
 
-    def fitted(p: model.Params, u: jax.Array) -> jax.Array:
-        return learned(p, elbo_estimators.sample_proposal(proposal, u)[0])
-
     keys = jax.random.split(jax.random.key(exp.seed), _DRAWS.value)
     result = {"step": step, "gamma_0": gamma_0, "gamma_1": gamma_1, "draws": _DRAWS.value}
-    for name, fn in (("learned", learned), ("linear", linear), ("fitted", fitted)):
+    settings = (("learned", learned, None), ("linear", linear, None), ("fitted", learned, proposal))
+    for name, fn, q in settings:
         result[name] = gradient_statistics(
-            fn, schedule_params, denoise, params["score_net"], x, keys, exp.loss
+            fn, schedule_params, denoise, params["score_net"], x, keys, exp.loss, q
         )
     for name in ("learned", "fitted"):
         for key in ("grad_total_variance", "loss_variance"):

@@ -301,3 +301,13 @@ def test_imagenet_mock_info_and_shape_error():
         # Mock images have random shapes: the iterator must say so clearly.
         with pytest.raises(ValueError, match=r"'imagenet32'.*'image'.*shape \(32, 32, 3\)"):
             next(data.eval_batches("imagenet32", global_batch_size=5))
+
+
+def test_read_split_reads_the_first_examples_or_all():
+    images, labels = data.read_split("digits", "eval")
+    assert images.shape == (297, 8, 8, 1) and labels.shape == (297,)
+    first, first_labels = data.read_split("digits", "train", count=5)
+    train, train_labels = data.read_split("digits", "train")
+    np.testing.assert_array_equal(first, train[:5])
+    np.testing.assert_array_equal(first_labels, train_labels[:5])
+    assert len(data.read_split("digits", "eval", count=10_000)[0]) == 297

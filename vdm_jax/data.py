@@ -220,11 +220,15 @@ def _open(name: str, data_dir: str | None) -> tuple[DatasetInfo, _Split, _Split]
     return info, train, eval_
 
 
-def read_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split in memory: images [N, H, W, C] and labels [N] (``split``: "train" or
-    "eval"). For small splits (the embedded digits) and tools; training streams instead."""
+def read_split(
+    name: str, split: str, data_dir: str | None = None, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split's first ``count`` examples (None: all) in memory: images [N, H, W, C] and
+    labels [N] (``split``: "train" or "eval"). For small splits (the embedded digits) and
+    tools; training streams instead."""
     source = _spec(name).open_split(name, split, data_dir)
-    return source.read(np.arange(len(source)))
+    size = len(source) if count is None else min(count, len(source))
+    return source.read(np.arange(size))
 
 
 def get_info(name: str, data_dir: str | None = None) -> DatasetInfo:
