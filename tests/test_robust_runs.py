@@ -109,9 +109,7 @@ def _corrupt_silently(path: str, step: int) -> None:
     decodes without error into different values."""
     exp = experiment.build(tiny_config(), jax.devices()[:1])
     with checkpoint.make_manager(path, read_only=True) as manager:
-        original = manager.restore(
-            step, args=ocp.args.StandardRestore(state.abstract_train_state(exp))
-        )
+        original = checkpoint._restore_verified(manager, step, state.abstract_train_state(exp))
     digest = checkpoint.state_digest(original)
     kernel = np.array(original.params["score_net"]["conv_in"]["kernel"])
     kernel.reshape(-1)[7] = 7.35e37
@@ -128,7 +126,7 @@ def _corrupt_silently(path: str, step: int) -> None:
     with checkpoint.make_manager(path, max_to_keep=100) as manager:
         manager.save(
             step,
-            args=ocp.args.StandardSave(damaged),
+            args=ocp.args.StandardSave(checkpoint._saved_tree(damaged)),
             force=True,
             custom_metadata={checkpoint.DIGEST_KEY: digest},
         )
