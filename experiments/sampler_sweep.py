@@ -44,11 +44,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _ode_network_evals(exp: experiment.Experiment, params: Any, tolerance: float) -> int:
-    """Network evaluations of the adaptive ODE sampler on the sweep's first batch."""
-    gamma_fn, eps_fn = model.inference_fns(exp.vdm, params)
-    shape = (exp.sample.batch_size, *exp.info.shape)
-    key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), sampling.SAMPLE_STREAM)
-    z_1 = jax.random.normal(jax.random.split(jax.random.fold_in(key, 0))[0], shape)
+    """Network evaluations of the adaptive ODE sampler's solve of one batch of latents from
+    the prior (its own draw: the sampler does not report its count; the solver's error
+    control is over the whole batch, so the count is per batch)."""
+    batch = exp.sample.batch_size
+    label = None
+    if exp.conditioning.conditional:
+        label = exp.conditioning.sample_labels(batch, exp.num_classes)
+    gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, label)
+    z_1 = jax.random.normal(jax.random.key(exp.seed), (batch, *exp.info.shape))
     solve = jax.jit(
         lambda z: (
             ode_likelihood.probability_flow(
