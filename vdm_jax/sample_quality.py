@@ -130,10 +130,10 @@ def frechet_to_heldout(
     """
     vocab_size = data.DATASETS[dataset].vocab_size
     heldout, _ = data.read_split(dataset, "eval", data_dir)
-    train, _ = data.read_split(dataset, "train", data_dir)
+    train, _ = data.read_split(dataset, "train", data_dir, count=len(samples))
     reference = gaussian_fit(net.features(heldout, vocab_size))
     fit = gaussian_fit(net.features(samples, vocab_size))
-    real = gaussian_fit(net.features(train[: len(samples)], vocab_size))
+    real = gaussian_fit(net.features(train, vocab_size))
     return {
         "frechet_distance": frechet_distance(*fit, *reference),
         "frechet_distance_real": frechet_distance(*real, *reference),
