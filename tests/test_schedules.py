@@ -98,13 +98,15 @@ def test_every_registered_schedule_keeps_its_declared_properties(name):
     """Non-decreasing for random parameters; ``splits_endpoints``: the interior parameters
     leave gamma(0) and gamma(1) exactly where the endpoint parameters put them."""
     kind = schedules.SCHEDULES[name]
-    module = kind.build(-13.3, 5.0, width=16)
-    assert (getattr(module, "width", None) == 16) == kind.takes_width
+    module = kind.build(-13.3, 5.0, width=16, event_shape=(2, 3, 1))
+    if not kind.per_dimension:
+        assert (getattr(module, "width", None) == 16) == kind.takes_width
     params = module.init(jax.random.key(0), T_GRID)
     for seed in range(3):
         noisy = _randomise(params, seed, 1.0)
         gamma = np.asarray(module.apply(noisy, T_GRID))
-        assert np.all(np.diff(gamma) >= 0), name
+        assert gamma.shape == ((len(T_GRID), 2, 3, 1) if kind.per_dimension else T_GRID.shape)
+        assert np.all(np.diff(gamma, axis=0) >= 0), name
     if not jax.tree.leaves(params):
         return  # A fixed schedule: nothing to split.
 

@@ -5,6 +5,14 @@ The schedule enters only through :class:`ScheduleValues` (gamma at 0, at 1, at t
 times, and the diffusion weight), and the noise predictor is a plain function
 ``eps_fn(z_t, gamma_t) -> eps_hat``: any denoiser, an analytic one included, plugs in.
 
+Gamma arrays come in two kinds. A **scalar** schedule gives ``[]`` or ``[B]`` (one gamma per
+example). A **per-dimension** (multivariate) schedule gives an array of the data's rank whose
+leading axis is ``B`` or 1 and whose other axes broadcast to the data's (``[B, H, W, C]``, or
+``[1, 1, 1, C]`` for one gamma per channel): every formula below then holds dimension by
+dimension, e.g. the continuous diffusion term is ``0.5 sum_i gamma_i'(t) (eps_i - eps_hat_i)^2``
+(MuLAN: Sahoo, Gokaslan, De Sa, Kuleshov, "Diffusion Models With Learned Adaptive Noise",
+NeurIPS 2024). :func:`is_per_dimension` tells the two apart.
+
 Negative ELBO = prior + reconstruction + diffusion (Kingma, Salimans, Poole, Ho, 2021,
 "Variational Diffusion Models"), where
 
@@ -32,10 +40,11 @@ class ScheduleValues(NamedTuple):
     """All the schedule contributes to one loss evaluation.
 
     Attributes:
-      gamma_0: [] gamma(0), for the reconstruction term.
-      gamma_1: [] gamma(1), for the prior term.
-      gamma_t: [B] gamma at each example's time.
-      weight: [B] diffusion weight: gamma'(t) (continuous) or T expm1(gamma_t - gamma_s).
+      gamma_0: [] gamma(0), for the reconstruction term (per-dimension: [B or 1, ...]).
+      gamma_1: [] gamma(1), for the prior term (per-dimension: [B or 1, ...]).
+      gamma_t: [B] gamma at each example's time (per-dimension: [B, ...]).
+      weight: [B] diffusion weight: gamma'(t) (continuous) or T expm1(gamma_t - gamma_s)
+        (per-dimension: [B, ...], one weight per dimension).
     """
 
     gamma_0: jax.Array
@@ -66,19 +75,35 @@ def sample_times(key: jax.Array, batch_size: int, antithetic: bool = True) -> ja
     return jax.random.uniform(key, (batch_size,))
 
 
+def is_per_dimension(gamma: jax.Array) -> bool:
+    """A per-dimension gamma (data rank, >= 2 axes) rather than a scalar one ([] or [B])."""
+    return gamma.ndim > 1
+
+
+def batch_gamma(gamma: jax.Array, batch: int) -> jax.Array:
+    """gamma at one time for a whole batch, as the noise predictor takes it.
+
+    ``[] -> [B]`` (scalar schedule); a per-dimension ``[1 or B, ...] -> [B, ...]``.
+    """
+    if is_per_dimension(gamma):
+        return jnp.broadcast_to(gamma, (batch, *gamma.shape[1:]))
+    return jnp.full((batch,), gamma)
+
+
 def schedule_values(
     gamma_fn: schedules.GammaFn, t: jax.Array, timesteps: int = 0
 ) -> ScheduleValues:
     """Evaluates a schedule at 0, 1 and the times ``t`` [B].
 
+    A per-dimension schedule (``gamma_fn(t [B])`` of the data's rank) is evaluated at 0 and 1
+    for every example too, ``gamma_fn(zeros [B])``: an input-adaptive one differs by example.
+
     Args:
-      gamma_fn: elementwise schedule ``t -> gamma``.
+      gamma_fn: schedule ``t -> gamma``, elementwise or per-dimension.
       t: [B] times in [0, 1).
       timesteps: 0 for continuous time; T > 0 moves each time to the grid point
         ``t_i = (floor(t T) + 1) / T`` in {1/T, ..., 1} and uses ``s = t_i - 1/T``.
     """
-    gamma_0 = gamma_fn(jnp.zeros(()))
-    gamma_1 = gamma_fn(jnp.ones(()))
     if timesteps == 0:
         gamma_t, dgamma_dt = schedules.gamma_and_derivative(gamma_fn, t)
         weight = dgamma_dt
@@ -87,16 +112,23 @@ def schedule_values(
         gamma_t = gamma_fn(t)
         gamma_s = gamma_fn(t - 1.0 / timesteps)
         weight = timesteps * jnp.expm1(gamma_t - gamma_s)
+    if is_per_dimension(gamma_t):
+        gamma_0, gamma_1 = gamma_fn(jnp.zeros_like(t)), gamma_fn(jnp.ones_like(t))
+    else:
+        gamma_0, gamma_1 = gamma_fn(jnp.zeros(())), gamma_fn(jnp.ones(()))
     return ScheduleValues(gamma_0, gamma_1, gamma_t, weight)
 
 
 def broadcast_batch(v: jax.Array, like: jax.Array) -> jax.Array:
-    """[B] -> [B, 1, ..., 1] to broadcast against ``like`` [B, ...]; scalars pass through."""
+    """[B] -> [B, 1, ..., 1] to broadcast against ``like`` [B, ...].
+
+    Scalars and per-dimension arrays (already of ``like``'s rank) pass through.
+    """
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)) if v.ndim else v
 
 
 def diffuse(f: jax.Array, gamma: jax.Array, eps: jax.Array) -> jax.Array:
-    """Samples q(z_t | x): ``z_t = alpha_t f + sigma_t eps``; f, eps [B, ...], gamma [B] or []."""
+    """Samples q(z_t | x): ``z_t = alpha_t f + sigma_t eps``; f, eps [B, ...], gamma any kind."""
     gamma = broadcast_batch(gamma, f)
     return jnp.sqrt(schedules.alpha2(gamma)) * f + jnp.sqrt(schedules.sigma2(gamma)) * eps
 
@@ -142,12 +174,14 @@ def diffusion_loss(
     Args:
       f: [B, ...] encoded (or any real-valued) data.
       eps: [B, ...] standard normal noise.
-      gamma_t: [B] gamma at each example's time.
-      weight: [B] diffusion weight from :func:`schedule_values`.
-      eps_fn: noise predictor ``(z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...]``.
+      gamma_t: [B] gamma at each example's time (per-dimension: [B, ...]).
+      weight: [B] diffusion weight from :func:`schedule_values` (per-dimension: [B, ...]).
+      eps_fn: noise predictor ``(z_t [B, ...], gamma_t) -> eps_hat [B, ...]``.
     """
     z_t = diffuse(f, gamma_t, eps)
     eps_hat = eps_fn(z_t, gamma_t).astype(jnp.float32)
+    if is_per_dimension(weight):
+        return 0.5 * sum_except_batch(weight * jnp.square(eps - eps_hat))
     return 0.5 * weight * sum_except_batch(jnp.square(eps - eps_hat))
 
 

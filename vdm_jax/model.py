@@ -21,11 +21,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, elbo_estimators, parameterizations, schedules, weightings
+from vdm_jax import (
+    diffusion,
+    elbo_estimators,
+    latents,
+    parameterizations,
+    schedules,
+    weightings,
+)
 
 Params = Any
-ScheduleFn = Callable[[Params, jax.Array], jax.Array]  # (params, t) -> gamma_t
-DenoiseFn = Callable[[Params, jax.Array, jax.Array], jax.Array]  # (params, z_t, gamma_t) -> eps_hat
+# (params, t[, context]) -> gamma_t
+ScheduleFn = Callable[..., jax.Array]
+# (params, z_t, gamma_t[, context]) -> eps_hat
+DenoiseFn = Callable[..., jax.Array]
+# (schedule-side params, f [B, ...], key) -> (context [B, L], KL(q(c | x) || p(c)) [B] nats)
+LatentFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 SCHEDULE_GRADS = ("elbo", "variance")
 
@@ -79,33 +90,51 @@ class VDM(nn.Module):
     """A schedule module and a score network under one parameter tree.
 
     Attributes:
-      schedule: elementwise ``t -> gamma_t`` module (see :mod:`vdm_jax.schedules`).
-      score_net: ``(z [B, ...], gamma_t [B], label [B] | None, train) -> [B, ...]``, the
-        prediction that ``parameterization`` names.
+      schedule: ``t -> gamma_t`` module (see :mod:`vdm_jax.schedules`): elementwise, or per
+        dimension; with an ``encoder``, it also takes the context ``c``.
+      score_net: ``(z [B, ...], gamma_t, label [B] | None, train, context) -> [B, ...]``,
+        the prediction that ``parameterization`` names.
       parameterization: a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS` key (``eps``,
         ``x`` or ``v``); :meth:`eps` converts the network's output into ``eps_hat``.
+      encoder: None, or the :class:`vdm_jax.latents.LatentEncoder` of an input-adaptive
+        schedule's auxiliary latent (params ``encoder``).
     """
 
     schedule: nn.Module
     score_net: nn.Module
     parameterization: str = "eps"
+    encoder: nn.Module | None = None
 
-    def gamma(self, t: jax.Array) -> jax.Array:
-        """gamma(t), elementwise."""
-        return self.schedule(t)
+    def gamma(self, t: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """gamma(t) (given the context ``c`` [B, L] for an input-adaptive schedule)."""
+        return self.schedule(t) if context is None else self.schedule(t, context)
 
     def eps(
-        self, z: jax.Array, gamma_t: jax.Array, label: jax.Array | None = None, *, train: bool
+        self,
+        z: jax.Array,
+        gamma_t: jax.Array,
+        label: jax.Array | None = None,
+        context: jax.Array | None = None,
+        *,
+        train: bool,
     ) -> jax.Array:
         """Predicted noise, [B, ...], whatever the network predicts."""
-        out = self.score_net(z, gamma_t, label, train=train)
+        if context is None:
+            out = self.score_net(z, gamma_t, label, train=train)
+        else:
+            out = self.score_net(z, gamma_t, label, train=train, context=context)
         return parameterizations.PARAMETERIZATIONS[self.parameterization].to_eps(out, z, gamma_t)
+
+    def posterior(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q(c | x) from the encoded data f [B, ...]: (mean, log_var), each [B, L]."""
+        return self.encoder(f)
 
     def __call__(
         self, z: jax.Array, t: jax.Array, label: jax.Array | None = None, *, train: bool = False
     ) -> jax.Array:
-        """eps_hat(z_t; gamma(t)): used to initialise both parts."""
-        return self.eps(z, self.gamma(t), label, train=train)
+        """eps_hat(z_t; gamma(t)): used to initialise every part."""
+        context = None if self.encoder is None else self.posterior(z)[0]
+        return self.eps(z, self.gamma(t, context), label, context, train=train)
 
 
 def _merge_schedule_grads(elbo_grads: Params, variance_grads: Params) -> Params:
@@ -127,6 +156,7 @@ def loss_and_grads(
     key: jax.Array,
     cfg: LossConfig,
     proposal: elbo_estimators.TimeProposal | None = None,
+    latent_fn: LatentFn | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], tuple[Params, Params]]:
     """Mean negative ELBO in bits/dim over a batch, its terms, and the training gradients.
 
@@ -145,6 +175,14 @@ def loss_and_grads(
     (with the weight's own slope) gives that of ``mean_i (w_i L_i)^2``, exactly. (This needs
     a denoiser without cross-example coupling, e.g. no BatchNorm.)
 
+    A per-dimension schedule (:mod:`vdm_jax.diffusion`) changes the expected ELBO through
+    its interior too, unless the denoiser is exact (then the diffusion loss is a line
+    integral of a gradient field, the I-MMSE relation, and depends on the endpoints only).
+    So it trains on the ELBO alone: ``schedule_grad="variance"`` and weightings other than
+    ``"elbo"`` are refused for it. With ``latent_fn`` (an input-adaptive schedule) the
+    context ``c ~ q(c | x)`` is drawn on the schedule's side, its KL term joins the
+    objective, and both the schedule and the denoiser are conditioned on ``c``.
+
     Args:
       schedule_fn: ``(schedule_params, t) -> gamma_t``, elementwise in ``t``.
       schedule_params: the schedule's parameters (may be an empty dict).
@@ -156,6 +194,9 @@ def loss_and_grads(
       proposal: continuous time only: draw the times from this q(t) (the batch's uniforms,
         antithetic or not, through its inverse CDF) and divide each diffusion weight by
         q(t), which keeps every estimate unbiased; None: uniform times.
+      latent_fn: for an input-adaptive schedule, ``(schedule_params, f, key) -> (c [B, L],
+        KL [B] nats)``; then ``schedule_fn`` is ``(params, t, c)`` and ``denoise_fn``
+        ``(params, z_t, gamma_t, c)``, and ``terms`` has ``latent``, the KL in bits/dim.
 
     Returns:
       ``((loss, terms), (schedule_grads, denoise_grads))`` where ``loss`` is the mean
@@ -173,27 +214,55 @@ def loss_and_grads(
             raise ValueError("a time proposal needs continuous time (timesteps = 0)")
         t, density = elbo_estimators.sample_proposal(proposal, t)
 
-    def values_of(p: Params) -> diffusion.ScheduleValues:
-        values = diffusion.schedule_values(lambda u: schedule_fn(p, u), t, cfg.timesteps)
-        return values if proposal is None else values._replace(weight=values.weight / density)
+    def values_of(p: Params):
+        if latent_fn is None:
+            context, kl = None, None
+            gamma_fn = lambda u: schedule_fn(p, u)  # noqa: E731
+        else:
+            f = diffusion.encode(x, cfg.vocab_size)
+            context, kl = latent_fn(p, f, jax.random.fold_in(key_noise, 1))
+            gamma_fn = lambda u: schedule_fn(p, u, context)  # noqa: E731
+        values = diffusion.schedule_values(gamma_fn, t, cfg.timesteps)
+        if proposal is not None:
+            weight = values.weight / diffusion.broadcast_batch(density, values.weight)
+            values = values._replace(weight=weight)
+        return values, context, kl
 
-    values, schedule_vjp = jax.vjp(values_of, schedule_params)
-    w, dw_dgamma = weightings.weight_and_slope(cfg.weighting, cfg.weighting_bias, values.gamma_t)
-
-    def objective_of(values: diffusion.ScheduleValues, p: Params):
-        nats = diffusion.elbo_terms(
-            x, values, key_noise, lambda z, g: denoise_fn(p, z, g), cfg.vocab_size
+    (values, context, kl), schedule_vjp = jax.vjp(values_of, schedule_params)
+    per_dimension = diffusion.is_per_dimension(values.gamma_t)
+    if per_dimension and (cfg.schedule_grad != "elbo" or cfg.weighting != "elbo"):
+        raise ValueError(
+            "a per-dimension schedule trains on the ELBO (its interior changes the bound): "
+            f"schedule_grad must be 'elbo' and weighting 'elbo', got {cfg.schedule_grad!r}, "
+            f"{cfg.weighting!r}"
         )
+    if per_dimension:
+        w, dw_dgamma = jnp.ones(()), jnp.zeros(())
+    else:
+        w, dw_dgamma = weightings.weight_and_slope(
+            cfg.weighting, cfg.weighting_bias, values.gamma_t
+        )
+
+    def objective_of(values: diffusion.ScheduleValues, context: jax.Array | None, p: Params):
+        if context is None:
+            eps_fn = lambda z, g: denoise_fn(p, z, g)  # noqa: E731
+        else:
+            eps_fn = lambda z, g: denoise_fn(p, z, g, context)  # noqa: E731
+        nats = diffusion.elbo_terms(x, values, key_noise, eps_fn, cfg.vocab_size)
         terms = {k: diffusion.bits_per_dim(v, num_dims) for k, v in nats.items()}
         weighted = w * terms["diffusion"]
         return jnp.mean(terms["prior"] + terms["recon"] + weighted), (terms, weighted)
 
     _, objective_vjp, (terms, weighted) = jax.vjp(
-        objective_of, values, denoise_params, has_aux=True
+        objective_of, values, context, denoise_params, has_aux=True
     )
-    d_values, denoise_grads = objective_vjp(jnp.ones(()))
+    d_values, d_context, denoise_grads = objective_vjp(jnp.ones(()))
     elbo_d_values = d_values._replace(gamma_t=d_values.gamma_t / w, weight=d_values.weight / w)
-    (schedule_grads,) = schedule_vjp(elbo_d_values)
+    d_kl = None
+    if kl is not None:  # the KL's own share of the mean objective, in bits/dim
+        terms = {**terms, "latent": diffusion.bits_per_dim(kl, num_dims)}
+        d_kl = jnp.full_like(kl, 1.0 / (batch * num_dims * math.log(2.0)))
+    (schedule_grads,) = schedule_vjp((elbo_d_values, d_context, d_kl))
     if cfg.schedule_grad == "variance":
         scale = 2.0 * jax.lax.stop_gradient(weighted)
         d_variance = diffusion.ScheduleValues(
@@ -202,7 +271,7 @@ def loss_and_grads(
             gamma_t=scale * (d_values.gamma_t + dw_dgamma * terms["diffusion"] / batch),
             weight=scale * d_values.weight,
         )
-        (variance_grads,) = schedule_vjp(d_variance)
+        (variance_grads,) = schedule_vjp((d_variance, None, None))
         schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads)
     loss = jnp.mean(sum(terms.values()))
     if cfg.weighting != "elbo":
@@ -226,7 +295,8 @@ def vdm_loss_and_grads(
 
     Args:
       model: the VDM module.
-      params: ``{"schedule": ..., "score_net": ...}`` (``schedule`` absent for a fixed one).
+      params: ``{"schedule": ..., "score_net": ...}`` (``schedule`` absent for a fixed one;
+        ``encoder`` too for an input-adaptive schedule).
       batch: ``{"image": int [B, ...], "label": int [B] (optional)}``.
       key: PRNG key for times, noise and dropout.
       cfg: loss configuration.
@@ -235,54 +305,93 @@ def vdm_loss_and_grads(
     """
     key_loss, key_dropout = jax.random.split(key)
     label = batch.get("label")
+    adaptive = model.encoder is not None
 
-    def schedule_fn(p: Params, t: jax.Array) -> jax.Array:
-        return model.apply({"params": {"schedule": p}}, t, method=VDM.gamma)
+    def schedule_fn(p: Params, t: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        schedule_params = p["schedule"] if adaptive else p
+        return model.apply({"params": {"schedule": schedule_params}}, t, context, method=VDM.gamma)
 
-    def denoise_fn(p: Params, z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+    def latent_fn(p: Params, f: jax.Array, key_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean, log_var = model.apply({"params": {"encoder": p["encoder"]}}, f, method=VDM.posterior)
+        return latents.sample_posterior(key_c, mean, log_var), latents.gaussian_kl(mean, log_var)
+
+    def denoise_fn(
+        p: Params, z: jax.Array, gamma_t: jax.Array, context: jax.Array | None = None
+    ) -> jax.Array:
         return model.apply(
             {"params": {"score_net": p}},
             z,
             gamma_t,
             label,
+            context,
             train=train,
             method=VDM.eps,
             rngs={"dropout": key_dropout},
         )
 
+    schedule_side = params.get("schedule", {})
+    if adaptive:
+        schedule_side = {"schedule": params["schedule"], "encoder": params["encoder"]}
     aux, (schedule_grads, net_grads) = loss_and_grads(
         schedule_fn,
-        params.get("schedule", {}),
+        schedule_side,
         denoise_fn,
         params["score_net"],
         batch["image"],
         key_loss,
         cfg,
         proposal,
+        latent_fn if adaptive else None,
     )
     grads = {"score_net": net_grads}
-    if "schedule" in params:
+    if adaptive:
+        grads.update(schedule_grads)
+    elif "schedule" in params:
         grads["schedule"] = schedule_grads
     return aux, grads
 
 
 def inference_fns(
-    model: VDM, params: Params, label: jax.Array | None = None
+    model: VDM,
+    params: Params,
+    label: jax.Array | None = None,
+    context: jax.Array | None = None,
 ) -> tuple[schedules.GammaFn, diffusion.EpsFn]:
     """The model as the plain functions the loss, samplers and likelihoods take (no dropout).
 
+    An input-adaptive model (one with an ``encoder``) needs its ``context`` c [B, L]: a
+    draw of q(c | x) for a bound (:func:`posterior_context`), of p(c) for sampling.
+
     Returns:
-      ``gamma_fn(t) -> gamma_t`` (elementwise) and ``eps_fn(z_t [B, ...], gamma_t [B]) ->
-      eps_hat [B, ...]``, conditioned on ``label`` [B] when given.
+      ``gamma_fn(t) -> gamma_t`` (elementwise, or per dimension) and ``eps_fn(z_t [B, ...],
+      gamma_t) -> eps_hat [B, ...]``, conditioned on ``label`` [B] and ``context`` when given.
     """
+    if (model.encoder is None) != (context is None):
+        raise ValueError("an input-adaptive model needs a context, and only it takes one")
 
     def gamma_fn(t: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, t, method=VDM.gamma)
+        return model.apply({"params": params}, t, context, method=VDM.gamma)
 
     def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, z, gamma_t, label, train=False, method=VDM.eps)
+        return model.apply(
+            {"params": params}, z, gamma_t, label, context, train=False, method=VDM.eps
+        )
 
     return gamma_fn, eps_fn
+
+
+def posterior_context(
+    model: VDM, params: Params, x: jax.Array, vocab_size: int, key: jax.Array
+) -> tuple[jax.Array | None, jax.Array]:
+    """``c ~ q(c | x)`` [B, L] and ``KL(q(c | x) || p(c))`` [B] in nats for integer data x.
+
+    (None, zeros) for a model without an auxiliary latent, whose bound has no such term.
+    """
+    if model.encoder is None:
+        return None, jnp.zeros(x.shape[:1], jnp.float32)
+    f = diffusion.encode(x, vocab_size)
+    mean, log_var = model.apply({"params": params}, f, method=VDM.posterior)
+    return latents.sample_posterior(key, mean, log_var), latents.gaussian_kl(mean, log_var)
 
 
 def vdm_terms(
@@ -292,11 +401,18 @@ def vdm_terms(
     key: jax.Array,
     cfg: LossConfig,
 ) -> dict[str, jax.Array]:
-    """Per-example negative-ELBO terms in bits/dim for evaluation (no dropout), each [B]."""
+    """Per-example negative-ELBO terms in bits/dim for evaluation (no dropout), each [B].
+
+    An input-adaptive model adds ``latent``, the KL of its auxiliary latent.
+    """
     x = batch["image"]
     label = batch.get("label")
     num_dims = math.prod(x.shape[1:])
-    gamma_fn, eps_fn = inference_fns(model, params, label)
+    context = None
+    if model.encoder is not None:
+        key, key_c = jax.random.split(key)
+        context, kl = posterior_context(model, params, x, cfg.vocab_size, key_c)
+    gamma_fn, eps_fn = inference_fns(model, params, label, context)
     nats = diffusion.vdm_terms(
         x,
         key,
@@ -306,4 +422,6 @@ def vdm_terms(
         timesteps=cfg.timesteps,
         antithetic_time=cfg.antithetic_time,
     )
+    if context is not None:
+        nats = {**nats, "latent": kl}
     return {k: diffusion.bits_per_dim(v, num_dims) for k, v in nats.items()}

@@ -102,7 +102,10 @@ def _flat_dims(shape: tuple[int, ...]) -> int:
 
 
 class _FlowCoefficients(NamedTuple):
-    """The probability-flow ODE's time-dependent factors at one scalar time."""
+    """The probability-flow ODE's time-dependent factors at one scalar time.
+
+    Each is [] for a scalar schedule, or per dimension ([1 or B, ...], the data's rank).
+    """
 
     gamma: jax.Array  # []
     half_dgamma: jax.Array  # [] 0.5 gamma'(t)
@@ -114,8 +117,19 @@ class _FlowCoefficients(NamedTuple):
         return self.half_dgamma * (self.sigma * eps_hat - self.sigma2 * z)
 
     def drift_divergence(self, eps_divergence: jax.Array, num_dims: int) -> jax.Array:
-        """Trace of d drift / dz from the trace of d eps_hat / dz, per example."""
+        """Trace of d drift / dz from the trace of d eps_hat / dz, per example (scalar only)."""
         return self.half_dgamma * (self.sigma * eps_divergence - self.sigma2 * num_dims)
+
+    def eps_scale(self) -> jax.Array:
+        """``0.5 gamma' sigma``: drift = eps_scale eps_hat - diagonal part."""
+        return self.half_dgamma * self.sigma
+
+    def diagonal_trace(self, like: jax.Array) -> jax.Array:
+        """``sum_i 0.5 gamma_i' sigma_i^2`` per example of ``like`` [B, ...]: the trace of the
+        drift's part that is linear in z."""
+        return diffusion.sum_except_batch(
+            jnp.broadcast_to(self.half_dgamma * self.sigma2, like.shape)
+        )
 
 
 def _flow_coefficients(gamma_fn: schedules.GammaFn, t: jax.Array) -> _FlowCoefficients:
@@ -149,7 +163,7 @@ def probability_flow_drift(
       [B, ...] dz/dt in float32.
     """
     coef = _flow_coefficients(gamma_fn, t)
-    eps_hat = eps_fn(z, jnp.full((z.shape[0],), coef.gamma)).astype(jnp.float32)
+    eps_hat = eps_fn(z, diffusion.batch_gamma(coef.gamma, z.shape[0])).astype(jnp.float32)
     return coef.drift(z, eps_hat)
 
 
@@ -372,13 +386,19 @@ def ode_log_likelihood(
     def vector_field(t, state, args):
         z, _ = state
         coef = _flow_coefficients(gamma_fn, t)
-        gamma_t = jnp.full((batch,), coef.gamma)
+        gamma_t = diffusion.batch_gamma(coef.gamma, batch)
 
         def eps_of(z_):
             return eps_fn(z_, gamma_t).astype(jnp.float32)
 
-        eps_hat, div_eps = divergence_fn(eps_of, z, v)
-        return coef.drift(z, eps_hat), coef.drift_divergence(div_eps, dims)
+        if not diffusion.is_per_dimension(coef.gamma):
+            eps_hat, div_eps = divergence_fn(eps_of, z, v)
+            return coef.drift(z, eps_hat), coef.drift_divergence(div_eps, dims)
+        # Per dimension: div(drift) = sum_i a_i d eps_hat_i / dz_i - sum_i 0.5 gamma_i' sigma_i^2
+        # with a = 0.5 gamma' sigma; the first sum is the divergence of a * eps_hat.
+        scaled, div_scaled = divergence_fn(lambda z_: coef.eps_scale() * eps_of(z_), z, v)
+        drift = scaled - coef.half_dgamma * coef.sigma2 * z
+        return drift, div_scaled - coef.diagonal_trace(z)
 
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
@@ -463,6 +483,14 @@ class Dequantized(NamedTuple):
     recon: jax.Array
 
 
+def _sum_over_dims(v: jax.Array, like: jax.Array) -> jax.Array:
+    """``sum_i v_i`` per example of ``like`` [N, ...]: ``D v`` for a scalar-schedule ``v``, or
+    a per-dimension ``v`` broadcast and summed."""
+    if not diffusion.is_per_dimension(v):
+        return _flat_dims(like.shape) * v
+    return diffusion.sum_except_batch(jnp.broadcast_to(v, like.shape))
+
+
 def uniform_dequantization(
     key: jax.Array, x: jax.Array, gamma_t0: jax.Array, vocab_size: int
 ) -> Dequantized:
@@ -472,7 +500,7 @@ def uniform_dequantization(
     u = jax.random.uniform(key, x.shape)
     y = 2.0 * (x.astype(jnp.float32) + u) / vocab_size - 1.0
     # -log p_V(v) = -log p_t0(z) - D log alpha_t0 + D log(K / 2).
-    offset = -dims * log_alpha + dequantization_log_jacobian(dims, vocab_size)
+    offset = -_sum_over_dims(log_alpha, x) + dequantization_log_jacobian(dims, vocab_size)
     zeros = jnp.zeros((x.shape[0],), jnp.float32)
     return Dequantized(jnp.exp(log_alpha) * y, zeros + offset, zeros)
 
@@ -481,11 +509,10 @@ def decoder_dequantization(
     key: jax.Array, x: jax.Array, gamma_t0: jax.Array, vocab_size: int
 ) -> Dequantized:
     """``z ~ q(z_t0 | x)``, offset ``-log p(x | z) + log q(z | x)``: see :func:`ode_bpd`."""
-    dims = _flat_dims(x.shape)
     eps = jax.random.normal(key, x.shape)
     z = diffusion.diffuse(diffusion.encode(x, vocab_size), gamma_t0, eps)
-    # q(z | x) = N(alpha f(x), sigma^2 I): the density of eps over sigma^D.
-    log_q = standard_normal_log_prob(eps) - dims * 0.5 * schedules.log_sigma2(gamma_t0)
+    # q(z | x) = N(alpha f(x), sigma^2 I): the density of eps over prod_i sigma_i.
+    log_q = standard_normal_log_prob(eps) - _sum_over_dims(0.5 * schedules.log_sigma2(gamma_t0), x)
     recon = diffusion.reconstruction_loss(x, z, gamma_t0, vocab_size)
     return Dequantized(z, recon + log_q, recon)
 
@@ -494,7 +521,8 @@ class Dequantization(NamedTuple):
     """A registered dequantization: how data become ODE points, and what it reports.
 
     Attributes:
-      draw: ``(key, x [N, ...] ints, gamma_t0 [], vocab_size) -> Dequantized``.
+      draw: ``(key, x [N, ...] ints, gamma_t0 [] (or per dimension), vocab_size) ->
+        Dequantized``.
       has_decoder: the bound contains the decoder's ``-log p(x | z)`` (reported as
         ``bpd_recon``).
     """
@@ -508,7 +536,6 @@ def truncated_normal_dequantization(
 ) -> Dequantized:
     """``z = alpha_t0 (f(x) + u)`` with ``u`` normal of scale ``sigma_t0 / alpha_t0`` truncated
     to x's bin, offset ``log q(u) - D log alpha_t0``: see :func:`ode_bpd`."""
-    dims = _flat_dims(x.shape)
     log_alpha = 0.5 * schedules.log_alpha2(gamma_t0)
     log_scale = 0.5 * gamma_t0  # log(sigma / alpha): the model's own smoothing of a bin centre
     limit = jnp.exp(-log_scale) / vocab_size  # half a bin (1 / K) in units of the scale
@@ -516,9 +543,9 @@ def truncated_normal_dequantization(
     y = diffusion.encode(x, vocab_size) + jnp.exp(log_scale) * n
     # log q(u) per dimension: log N(n; 0, 1) - log scale - log(Phi(limit) - Phi(-limit)).
     log_mass = jnp.log1p(-jax.scipy.special.erfc(limit / math.sqrt(2.0)))
-    log_q = standard_normal_log_prob(n) - dims * (log_scale + log_mass)
+    log_q = standard_normal_log_prob(n) - _sum_over_dims(log_scale + log_mass, x)
     zeros = jnp.zeros((x.shape[0],), jnp.float32)
-    return Dequantized(jnp.exp(log_alpha) * y, log_q - dims * log_alpha, zeros)
+    return Dequantized(jnp.exp(log_alpha) * y, log_q - _sum_over_dims(log_alpha, x), zeros)
 
 
 DEQUANTIZATIONS: dict[str, Dequantization] = {

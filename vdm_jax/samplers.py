@@ -26,7 +26,8 @@ class StepMemory(NamedTuple):
 
     Attributes:
       x_hat: [B, ...] the previous step's data prediction.
-      h: [] the previous step's increment of ``lambda = -gamma / 2``; 0 before the first step.
+      h: [] the previous step's increment of ``lambda = -gamma / 2`` (per-dimension schedule:
+        one per dimension, of gamma's shape); 0 before the first step.
     """
 
     x_hat: jax.Array
@@ -94,7 +95,8 @@ def dpm_solver_2m_step(
     ``lambda = -gamma / 2``. ``D`` is the current ``x_hat`` on the first step (which is then
     DDIM) and ``(1 + 1 / (2 r)) x_hat - 1 / (2 r) x_hat_prev`` after it, ``r = h_prev / h``: a
     linear extrapolation of ``x_hat`` in lambda that makes the method second order.
-    Shapes: z_t, eps_hat [B, ...]; gammas scalars. ``key`` is unused.
+    Shapes: z_t, eps_hat [B, ...]; gammas scalars, or per dimension (each dimension then
+    steps in its own lambda, which its ODE is linear in). ``key`` is unused.
     """
     del key
     x_hat = _x_hat(z_t, eps_hat, gamma_t)
@@ -201,10 +203,11 @@ def sample_latent(
             gamma_fn(jnp.asarray(t, jnp.float32)),
             gamma_fn(jnp.asarray(s, jnp.float32)),
         )
-        eps_hat = eps_fn(z, jnp.full((shape[0],), gamma_t)).astype(jnp.float32)
+        eps_hat = eps_fn(z, diffusion.batch_gamma(gamma_t, shape[0])).astype(jnp.float32)
         return step(jax.random.fold_in(key_steps, i), z, eps_hat, gamma_t, gamma_s, memory)
 
-    memory = StepMemory(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
+    gamma_shape = jax.eval_shape(gamma_fn, jnp.ones((), jnp.float32)).shape
+    memory = StepMemory(jnp.zeros(shape, jnp.float32), jnp.zeros(gamma_shape, jnp.float32))
     z_0, _ = jax.lax.fori_loop(0, num_steps, body, (z_1, memory))
     return z_0
 

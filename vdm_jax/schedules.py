@@ -214,6 +214,128 @@ class ReferenceNetSchedule(nn.Module):
         return h[..., 0]
 
 
+class PerDimensionSchedule(nn.Module):
+    """One strictly increasing ``gamma_i(t)`` per data dimension, optionally input-adaptive.
+
+    ``gamma_i(t) = gamma_min_i + exp(log_gamma_range_i) s_i(t)``: learned per-dimension
+    endpoints (parameters ``gamma_min``, ``log_gamma_range`` of ``event_shape``, so
+    :data:`ENDPOINT_PARAMS` still names them) and an interior ``s_i`` rising from 0 to 1:
+
+    * ``interior="monotone"`` (ours): ``s_i = (h_i(t) - h_i(0)) / (h_i(1) - h_i(0))`` with
+      ``h_i(t) = w1_i t + mean_j w3_ij sigmoid(w2_j (2t - 1) + b_j)``: one shared basis of
+      ``width`` sigmoids, per-dimension positive mixing weights (softplus), as
+      :class:`MonotoneNetSchedule` per dimension. ``h_i' >= w1_i > 0``.
+    * ``interior="polynomial"`` (MuLAN, Sahoo et al. 2024): ``s_i = P_i(t) / P_i(1)`` with
+      ``P_i' = (a_i t^2 + b_i t + c_i)^2 + delta``, ``c_i`` a softplus, so ``P_i`` is the
+      closed-form quintic below. MuLAN has no ``delta``; ours (1e-3) makes ``gamma_i``
+      strictly increasing even where the quadratic has a root.
+
+    The interior's coefficients are parameters (``interior``, [D, k]: the same for every
+    input) or, given a ``context`` [B, C] (an input-adaptive schedule, whose context is the
+    auxiliary latent of :class:`LatentEncoder`), the output of a small MLP of it whose last
+    layer starts at zero, so that the schedule starts input-independent. All dimensions
+    start with the same interior, close to linear: the scalar schedule is the starting point.
+
+    Shapes: ``t`` [] or [B] -> ``[1 or B, *event_shape]`` (``[B, ...]`` with a context):
+    always the data's rank, the per-dimension kind of :mod:`vdm_jax.diffusion`.
+    ``event_shape`` is the data's ``(H, W, C)`` or any shape that broadcasts to it, e.g.
+    ``(1, 1, C)`` for one schedule per channel.
+    """
+
+    event_shape: tuple[int, ...]
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    width: int = 16
+    interior: str = "monotone"
+    context_hidden: int = 64
+
+    def _coefficients(self, context: jax.Array | None, dims: int, k: int, init) -> jax.Array:
+        """[1, D, k] parameters, or [B, D, k] from the context; ``init`` gives one row [k]."""
+        row = init(k)
+        if context is None:
+            table = self.param("interior", lambda _, shape: jnp.broadcast_to(row, shape), (dims, k))
+            return table[None]
+        h = nn.swish(nn.Dense(self.context_hidden, name="context_0")(context))
+        h = nn.swish(nn.Dense(self.context_hidden, name="context_1")(h))
+        out = nn.Dense(
+            dims * k,
+            kernel_init=nn.initializers.zeros,
+            bias_init=lambda *_: jnp.tile(row, dims),
+            name="context_out",
+        )(h)
+        return out.reshape(-1, dims, k)
+
+    def _shape_monotone(self, t: jax.Array, coef: jax.Array) -> jax.Array:
+        """s(t) [N, D] for times [N] (or [1])."""
+        w2 = nn.softplus(self.param("hidden_kernel", nn.initializers.normal(1.0), (self.width,)))
+        b2 = self.param("hidden_bias", nn.initializers.normal(1.0), (self.width,))
+        w1, w3 = nn.softplus(coef[..., 0]), nn.softplus(coef[..., 1:])  # [n, D], [n, D, width]
+
+        def h(u: jax.Array) -> jax.Array:  # [N] -> [N, D]
+            hidden = jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2)  # [N, width]
+            if w3.shape[0] == 1:  # the same interior for every input: one matmul
+                mix = hidden @ w3[0].T
+            else:
+                hidden = jnp.broadcast_to(hidden, (w3.shape[0], self.width))
+                mix = jnp.einsum("nw,ndw->nd", hidden, w3)
+            return w1 * u[:, None] + mix / self.width
+
+        h_0, h_1 = h(jnp.zeros((1,))), h(jnp.ones((1,)))
+        return (h(t) - h_0) / (h_1 - h_0)
+
+    @staticmethod
+    def _shape_polynomial(t: jax.Array, coef: jax.Array) -> jax.Array:
+        """s(t) [N, D] for times [N] (or [1])."""
+        a, b, c = coef[..., 0], coef[..., 1], nn.softplus(coef[..., 2])
+
+        def p(u: jax.Array) -> jax.Array:  # integral_0^u (a s^2 + b s + c)^2 + delta ds
+            u = u[:, None]
+            return (
+                a * a * u**5 / 5.0
+                + a * b * u**4 / 2.0
+                + (b * b + 2.0 * a * c) * u**3 / 3.0
+                + b * c * u**2
+                + (c * c + _POLYNOMIAL_DELTA) * u
+            )
+
+        return p(t) / p(jnp.ones((1,)))
+
+    @nn.compact
+    def __call__(self, t: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if not self.gamma_max > self.gamma_min:
+            raise ValueError(
+                f"schedule needs gamma_max > gamma_min, got {self.gamma_min}, {self.gamma_max}"
+            )
+        if self.interior not in PER_DIMENSION_INTERIORS:
+            raise ValueError(
+                f"interior must be one of {PER_DIMENSION_INTERIORS}, got {self.interior!r}"
+            )
+        dims = math.prod(self.event_shape)
+        gamma_0 = self.param("gamma_min", nn.initializers.constant(self.gamma_min), (dims,))
+        log_range = self.param(
+            "log_gamma_range",
+            nn.initializers.constant(math.log(self.gamma_max - self.gamma_min)),
+            (dims,),
+        )
+        times = jnp.reshape(jnp.asarray(t, jnp.float32), (-1,))  # [N]: N = 1 or B
+        if self.interior == "monotone":
+            init = lambda k: jnp.concatenate(  # noqa: E731
+                [jnp.full((1,), _inverse_softplus(1.0)), jnp.full((k - 1,), -2.0)]
+            )
+            coef = self._coefficients(context, dims, 1 + self.width, init)
+            shape = self._shape_monotone(times, coef)
+        else:
+            init = lambda k: jnp.array([0.0, 0.0, _inverse_softplus(1.0)])  # noqa: E731
+            coef = self._coefficients(context, dims, 3, init)
+            shape = self._shape_polynomial(times, coef)
+        gamma = gamma_0 + jnp.exp(log_range) * shape  # [N or B, D]
+        return gamma.reshape((gamma.shape[0], *self.event_shape))
+
+
+PER_DIMENSION_INTERIORS = ("monotone", "polynomial")
+_POLYNOMIAL_DELTA = 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleKind:
     """A registered schedule and the properties the runner and config checks read.
@@ -224,14 +346,39 @@ class ScheduleKind:
       splits_endpoints: its parameters are :data:`ENDPOINT_PARAMS` and interior ones (or it
         has none), so the interior can be trained on the variance of the loss
         (``schedule_grad="variance"``).
+      per_dimension: one gamma per data dimension (:class:`PerDimensionSchedule`, built
+        with the data's shape and this ``interior``); it may also take a context.
+      interior: the per-dimension interior's name.
     """
 
     module: type[nn.Module]
     takes_width: bool
     splits_endpoints: bool
+    per_dimension: bool = False
+    interior: str = ""
 
-    def build(self, gamma_min: float, gamma_max: float, width: int) -> nn.Module:
-        """The module, with ``width`` only where the schedule takes one."""
+    def build(
+        self,
+        gamma_min: float,
+        gamma_max: float,
+        width: int,
+        event_shape: tuple[int, ...] | None = None,
+    ) -> nn.Module:
+        """The module, with ``width`` only where the schedule takes one.
+
+        ``event_shape``: the shape each example's gamma takes, needed by a per-dimension
+        schedule (the data's (H, W, C), or (1, 1, C) for one gamma per channel).
+        """
+        if self.per_dimension:
+            if event_shape is None:
+                raise ValueError("a per-dimension schedule needs the data's event_shape")
+            return self.module(
+                event_shape=tuple(event_shape),
+                gamma_min=gamma_min,
+                gamma_max=gamma_max,
+                width=width,
+                interior=self.interior,
+            )
         if self.takes_width:
             return self.module(gamma_min=gamma_min, gamma_max=gamma_max, width=width)
         return self.module(gamma_min=gamma_min, gamma_max=gamma_max)
@@ -242,6 +389,12 @@ SCHEDULES: dict[str, ScheduleKind] = {
     "learned_linear": ScheduleKind(LearnedLinearSchedule, takes_width=False, splits_endpoints=True),
     "monotone_net": ScheduleKind(MonotoneNetSchedule, takes_width=True, splits_endpoints=True),
     "reference_net": ScheduleKind(ReferenceNetSchedule, takes_width=True, splits_endpoints=False),
+    "per_dim_monotone": ScheduleKind(
+        PerDimensionSchedule, True, True, per_dimension=True, interior="monotone"
+    ),
+    "per_dim_polynomial": ScheduleKind(
+        PerDimensionSchedule, False, True, per_dimension=True, interior="polynomial"
+    ),
 }
 
 

@@ -508,14 +508,24 @@ class ScoreUNet(nn.Module):
         label: jax.Array | None = None,
         *,
         train: bool,
+        context: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the noise in ``z``.
 
+        A per-dimension ``gamma_t`` (of ``z``'s rank, broadcasting to it) enters twice: its
+        mean over each example's dimensions drives the time embedding above, and its
+        ``t_cond`` map is concatenated to the input of ``conv_in`` (so ``conv_in`` then has
+        ``C`` more input channels), as MuLAN's networks see the schedule.
+
         Args:
           z: [B, H, W, C] float32 latent ``z_t``.
-          gamma_t: [B] or scalar float32, ``gamma`` (log noise-to-signal ratio) at time t.
+          gamma_t: [B] or scalar float32, ``gamma`` (log noise-to-signal ratio) at time t; or
+            per dimension, [B or 1, H or 1, W or 1, C or 1].
           label: [B] int32 in ``[0, num_classes)``; required iff ``num_classes > 0``.
           train: enables dropout, which then draws from the ``'dropout'`` rng.
+          context: [B, L] float32, an auxiliary latent (input-adaptive schedules): a Dense
+            projection (``context_dense``) is added to the time embedding after
+            ``cond_dense_1``.
 
         Returns:
           eps_hat: [B, H, W, C] float32. At initialisation (``conv_out`` is zero-initialised)
@@ -534,7 +544,13 @@ class ScoreUNet(nn.Module):
         width, emb = self.channels, 4 * self.channels
 
         # Conditioning, in float32: it is [B, 4 channels], negligible next to the convs.
-        gamma_t = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (b,))
+        gamma_t = jnp.asarray(gamma_t, jnp.float32)
+        t_map = None
+        if gamma_t.ndim == z.ndim:  # per dimension: its map goes into conv_in
+            gamma_map = jnp.broadcast_to(gamma_t, z.shape)
+            t_map = (gamma_map - self.gamma_min) / (self.gamma_max - self.gamma_min)
+            gamma_t = jnp.mean(gamma_map.reshape(b, -1), axis=-1)
+        gamma_t = jnp.broadcast_to(gamma_t, (b,))
         t_cond = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
         cond = sinusoidal_embedding(1000.0 * t_cond, width)  # [B, channels]
         if label is not None:
@@ -546,12 +562,16 @@ class ScoreUNet(nn.Module):
         cond = nn.Dense(emb, name="cond_dense_1")(cond)
         if self.num_classes > 0 and self.label_input == "embed":
             cond = cond + nn.Embed(self.num_classes, emb, name="label_embed")(label)
+        if context is not None:
+            cond = cond + nn.Dense(emb, name="context_dense")(context.astype(jnp.float32))
         cond = nn.swish(cond)  # [B, 4 channels], once here rather than in every block
 
         h = z.astype(jnp.float32)
         if self.fourier_features:
             feats = fourier_features(h, self.fourier_min_exp, self.fourier_max_exp)
             h = jnp.concatenate([h, feats], axis=-1)  # [B, H, W, C (1 + 2 n)]
+        if t_map is not None:
+            h = jnp.concatenate([h, t_map], axis=-1)  # [B, H, W, C (2 + 2 n)]
         h = nn.Conv(width, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
 
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
