@@ -19,7 +19,10 @@ Fields:
     entry) is what the network predicts: "eps", "x" or "v". ``weighting`` (a
     :data:`vdm_jax.weightings.WEIGHTINGS` entry) weights the denoiser's diffusion loss by
     log-SNR; ``weighting_bias`` is the sigmoid weighting's bias. ``adaptive_time`` draws
-    training times from an importance distribution tracked during training.
+    training times from an importance distribution tracked during training. The
+    ``per_dim_*`` schedules give one gamma per dimension (``schedule_per="dimension"``) or
+    per channel; ``latent_dim > 0`` makes such a schedule input-adaptive through an
+    auxiliary latent (MuLAN), whose KL joins the bound as ``bpd_latent``.
   optimizer.*: AdamW with linear warmup, an optional cosine decay to 0 at ``decay_steps``,
     optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
@@ -58,6 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Noise schedule: monotone network with learned endpoints (paper, appendix).
     config.model.schedule = "monotone_net"
     config.model.schedule_width = 1024  # Hidden width of the network schedules.
+    # Per-dimension schedules ("per_dim_*"): one gamma per "dimension" or per "channel".
+    config.model.schedule_per = "dimension"
+    # > 0: an auxiliary latent c ~ q(c | x) of this size adapts a per-dimension schedule to
+    # the input (MuLAN); its encoder's width is latent_channels.
+    config.model.latent_dim = 0
+    config.model.latent_channels = 32
     config.model.gamma_min = -13.3
     config.model.gamma_max = 5.0
     # "variance": endpoints on the ELBO, interior on the variance of the loss (paper, sec. 5).

@@ -167,6 +167,28 @@ def validate(
             "config.model.schedule_grad='variance' needs a schedule with endpoint parameters; "
             f"config.model.schedule={config.model.schedule!r} has none (allowed: 'elbo')",
         )
+        per_dim = kind.per_dimension
+        for field in ("schedule_grad", "weighting"):
+            value = config.model[field]
+            _check(
+                problems,
+                not per_dim or value == "elbo",
+                f"config.model.{field}={value!r}: a per-dimension schedule's interior changes "
+                f"the bound, so config.model.schedule={config.model.schedule!r} trains on the "
+                "ELBO (allowed: 'elbo')",
+            )
+        latent_dim = config.model.latent_dim
+        _range(problems, config, "model.latent_dim", lambda v: isinstance(v, int) and v >= 0,
+               "an integer >= 0 (0: no auxiliary latent)")  # fmt: skip
+        per_dim_names = sorted(k for k, v in schedules.SCHEDULES.items() if v.per_dimension)
+        _check(
+            problems,
+            not (isinstance(latent_dim, int) and latent_dim > 0) or per_dim,
+            f"config.model.latent_dim={latent_dim!r} adapts the schedule to the input, which "
+            f"only a per-dimension schedule can use; config.model.schedule="
+            f"{config.model.schedule!r} is scalar (allowed: {per_dim_names})",
+        )
+    _choice(problems, config, "model.schedule_per", list(specs.SCHEDULE_PER))
 
     # Batches split evenly over hosts and devices (devices is a multiple of hosts).
     for field in ("training.batch_size", "eval.batch_size", "sample.batch_size"):
@@ -232,7 +254,16 @@ def validate(
         )
         counts = (config.eval.num_time_samples, config.eval.ode_dequant_samples)
         if all(isinstance(v, int) for v in counts):
-            problems.extend(method.check(specs.from_section(specs.EvalSpec, config.eval)))
+            settings = specs.from_section(specs.EvalSpec, config.eval)
+            problems.extend(method.check(settings))
+            _check(
+                problems,
+                not (config.model.latent_dim and not method.per_example_fns(settings)),
+                f"config.eval.method={config.eval.method!r} with these settings evaluates "
+                f"copies of each image, and an input-adaptive model (config.model.latent_dim="
+                f"{config.model.latent_dim}) draws one latent per image: use one draw "
+                "(config.eval.ode_dequant_samples=1) or an ELBO method",
+            )
     for field in ("eval.ode_rtol", "eval.ode_atol"):
         _range(problems, config, field, lambda v: v > 0, "a number > 0")
 

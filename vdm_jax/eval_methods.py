@@ -68,6 +68,9 @@ class EvalMethod:
       prepare: ``(gamma_fn, eps_fn, x, key, *, loss, settings) -> pytree`` run once per
         evaluation on the first batch and passed to every ``estimate`` as ``prepared``;
         None: ``prepared`` is None.
+      per_example_fns: ``EvalSpec ->`` the estimate calls ``gamma_fn`` and ``eps_fn`` on the
+        batch's own examples only (not on copies of them), so functions that carry one row
+        per example (an input-adaptive model's latent) work.
     """
 
     estimate: Estimator
@@ -77,6 +80,7 @@ class EvalMethod:
     settings: Callable[[EvalSpec], dict[str, Any]]
     check: Callable[[EvalSpec], list[str]] = lambda settings: []
     prepare: Prepare | None = None
+    per_example_fns: Callable[[EvalSpec], bool] = lambda settings: True
 
 
 def _elbo_terms(settings: EvalSpec) -> tuple[str, ...]:
@@ -354,5 +358,7 @@ EVAL_METHODS: dict[str, EvalMethod] = {
         network_evals_per_image=_adaptive,
         settings=_ode_settings,
         check=_importance_weighting_rules,
+        # Several dequantization draws are solved as one batch of copies of the images.
+        per_example_fns=lambda settings: settings.ode_dequant_samples == 1,
     ),
 }

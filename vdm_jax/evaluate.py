@@ -27,6 +27,7 @@ from absl import logging
 from vdm_jax import (
     checkpoint,
     data,
+    diffusion,
     elbo_estimators,
     eval_methods,
     model,
@@ -115,9 +116,18 @@ class Evaluator:
         layout = state.param_layout(exp)
         context = dict(loss=exp.loss, settings=exp.eval)  # What every estimator reads.
 
+        def model_fns(params, batch, key):
+            """The model's functions for this batch, and its auxiliary latent's KL in bpd [B]
+            (None without one): an input-adaptive model is evaluated at c ~ q(c | x)."""
+            x = batch["image"]
+            c, kl = model.posterior_context(exp.vdm, params, x, exp.loss.vocab_size, key)
+            fns = model.inference_fns(exp.vdm, params, batch.get("label"), c)
+            return fns, None if c is None else diffusion.bits_per_dim(kl, math.prod(x.shape[1:]))
+
         def step(params, batch, mask, key, prepared):
             params = layout.gather(params)
-            gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
+            # The latent's key is folded off, so models without one see the same key as before.
+            (gamma_fn, eps_fn), latent_bpd = model_fns(params, batch, jax.random.fold_in(key, 1))
             estimate = self.method.estimate(
                 gamma_fn, eps_fn, batch["image"], key, prepared, **context
             )
@@ -127,6 +137,10 @@ class Evaluator:
                     f"eval method {exp.eval.method!r} returned terms {tuple(estimate.terms)}, "
                     f"but its registry entry declares {declared}"
                 )
+            if latent_bpd is not None:
+                terms = estimate.terms
+                terms = {**terms, "bpd": terms["bpd"] + latent_bpd, "bpd_latent": latent_bpd}
+                estimate = estimate._replace(terms=terms)
             return estimate, mask
 
         self.step = jax.jit(
@@ -139,7 +153,7 @@ class Evaluator:
 
             def prepare(params, batch, key):
                 params = layout.gather(params)
-                gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, batch.get("label"))
+                (gamma_fn, eps_fn), _ = model_fns(params, batch, jax.random.fold_in(key, 1))
                 return self.method.prepare(gamma_fn, eps_fn, batch["image"], key, **context)
 
             self.prepare = jax.jit(

@@ -8,7 +8,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm_jax import checkpoint, metrics, model, outputs, sample_quality, samplers, sharding, state
+from vdm_jax import (
+    checkpoint,
+    latents,
+    metrics,
+    model,
+    outputs,
+    sample_quality,
+    samplers,
+    sharding,
+    state,
+)
 from vdm_jax import workdir as workdir_lib
 from vdm_jax.experiment import Experiment
 from vdm_jax.preemption import Preemption
@@ -24,7 +34,8 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
     ``sample.sampler`` (:data:`vdm_jax.samplers.SAMPLER_NAMES`) for ``sample.num_steps`` steps,
     then ``sample.decode``. The parameters come in the state's layout (gathered inside); the
     batch of latents is sharded over the mesh; the integer samples come back replicated.
-    Labels are the conditioning's ``sample_labels``.
+    Labels are the conditioning's ``sample_labels``; an input-adaptive model's auxiliary
+    latent is drawn from its prior.
     """
     spec, batch_size = exp.sample, exp.sample.batch_size
     batch_spec = sharding.batch_sharding(exp.mesh)
@@ -35,7 +46,11 @@ def make_sample_fn(exp: Experiment) -> Callable[[Params, jax.Array], jax.Array]:
         label = None
         if exp.conditioning.conditional:
             label = exp.conditioning.sample_labels(batch_size, exp.num_classes)
-        gamma_fn, model_eps_fn = model.inference_fns(exp.vdm, params, label)
+        context = None
+        if exp.vdm.encoder is not None:  # an input-adaptive schedule: c ~ p(c) first
+            latent_dim = exp.vdm.encoder.latent_dim
+            context = latents.sample_prior(jax.random.fold_in(key, 1), batch_size, latent_dim)
+        gamma_fn, model_eps_fn = model.inference_fns(exp.vdm, params, label, context)
 
         def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
             return model_eps_fn(jax.lax.with_sharding_constraint(z, batch_spec), gamma_t)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 
-from vdm_jax import model, schedules, unet
+from vdm_jax import latents, model, schedules, unet
 
 
 def may_change() -> Any:
@@ -35,6 +35,8 @@ def added(before: Any) -> Any:
 
 
 # Compute dtypes by name (``model.dtype``); parameters stay float32.
+# What a per-dimension schedule has one gamma for (``model.schedule_per``).
+SCHEDULE_PER = ("dimension", "channel")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -77,12 +79,26 @@ class ModelSpec:
     weighting: str = added("elbo")
     weighting_bias: float = added(0.0)
     adaptive_time: bool = added(False)
+    schedule_per: str = added("dimension")
+    latent_dim: int = added(0)
+    latent_channels: int = added(32)
 
-    def build(self, num_classes: int) -> model.VDM:
-        """The VDM this spec describes, embedding ``num_classes`` labels (0: none)."""
+    def build(self, num_classes: int, image_shape: tuple[int, ...] | None = None) -> model.VDM:
+        """The VDM this spec describes, embedding ``num_classes`` labels (0: none).
+
+        ``image_shape`` (H, W, C) is needed by a per-dimension schedule.
+        """
+        event_shape = None
+        if image_shape is not None:
+            event_shape = tuple(image_shape)
+            if self.schedule_per == "channel":
+                event_shape = (1,) * (len(event_shape) - 1) + event_shape[-1:]
         schedule = schedules.SCHEDULES[self.schedule].build(
-            self.gamma_min, self.gamma_max, self.schedule_width
+            self.gamma_min, self.gamma_max, self.schedule_width, event_shape
         )
+        encoder = None
+        if self.latent_dim > 0:
+            encoder = latents.LatentEncoder(self.latent_dim, self.latent_channels)
         score_net = unet.ScoreUNet(
             num_blocks=self.num_blocks,
             channels=self.channels,
@@ -101,7 +117,7 @@ class ModelSpec:
             min_group_size=self.min_group_size,
             add_z_to_eps=self.add_z_to_eps,
         )
-        return model.VDM(schedule, score_net, self.parameterization)
+        return model.VDM(schedule, score_net, self.parameterization, encoder)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,11 +128,18 @@ def train_step(
     # buffer and cost ~6% of a CIFAR-10 step on CPU; the branch updates them in place.
     new_state = jax.lax.cond(finite, apply_update, lambda old: old, train_state)
 
-    gamma, _ = model.inference_fns(vdm, params)
+    # Logged: gamma(0) and gamma(1), averaged over dimensions for a per-dimension schedule,
+    # at the prior's mean c = 0 for an input-adaptive one.
+    context = None if vdm.encoder is None else jnp.zeros((1, vdm.encoder.latent_dim))
+    gamma_fn, _ = model.inference_fns(vdm, params, context=context)
+
+    def gamma(t: jax.Array) -> jax.Array:
+        return jnp.mean(gamma_fn(t))
 
     step_metrics = {
         "bpd": loss,
         **{name: jnp.mean(terms[k]) for k, name in eval_methods.TERM_NAMES.items()},
+        **({"bpd_latent": jnp.mean(terms["latent"])} if "latent" in terms else {}),
         **(
             {"bpd_diff_weighted": jnp.mean(terms["diffusion_weighted"])}
             if "diffusion_weighted" in terms
