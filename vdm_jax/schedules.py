@@ -226,9 +226,10 @@ class PerDimensionSchedule(nn.Module):
       ``width`` sigmoids, per-dimension positive mixing weights (softplus), as
       :class:`MonotoneNetSchedule` per dimension. ``h_i' >= w1_i > 0``.
     * ``interior="polynomial"`` (MuLAN, Sahoo et al. 2024): ``s_i = P_i(t) / P_i(1)`` with
-      ``P_i' = (a_i t^2 + b_i t + c_i)^2 + delta``, ``c_i`` a softplus, so ``P_i`` is the
-      closed-form quintic below. MuLAN has no ``delta``; ours (1e-3) makes ``gamma_i``
-      strictly increasing even where the quadratic has a root.
+      ``P_i' = (a_i t^2 + b_i t + c_i)^2 + delta (a_i^2 + b_i^2 + c_i^2)``, ``c_i`` a
+      softplus, so ``P_i`` is a closed-form quintic. MuLAN has no ``delta`` term; ours
+      (``delta`` = 1e-3, relative to the coefficients' scale) keeps ``s_i' >= delta / 3``, so
+      ``gamma_i`` is strictly increasing, in float32 too, even where the quadratic has a root.
 
     The interior's coefficients are parameters (``interior``, [D, k]: the same for every
     input) or, given a ``context`` [B, C] (an input-adaptive schedule, whose context is the
@@ -288,14 +289,16 @@ class PerDimensionSchedule(nn.Module):
         """s(t) [N, D] for times [N] (or [1])."""
         a, b, c = coef[..., 0], coef[..., 1], nn.softplus(coef[..., 2])
 
-        def p(u: jax.Array) -> jax.Array:  # integral_0^u (a s^2 + b s + c)^2 + delta ds
+        floor = _POLYNOMIAL_DELTA * (a * a + b * b + c * c)
+
+        def p(u: jax.Array) -> jax.Array:  # integral_0^u (a s^2 + b s + c)^2 + floor ds
             u = u[:, None]
             return (
                 a * a * u**5 / 5.0
                 + a * b * u**4 / 2.0
                 + (b * b + 2.0 * a * c) * u**3 / 3.0
                 + b * c * u**2
-                + (c * c + _POLYNOMIAL_DELTA) * u
+                + (c * c + floor) * u
             )
 
         return p(t) / p(jnp.ones((1,)))

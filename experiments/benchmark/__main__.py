@@ -10,7 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.benchmark import options, report, sweep
-from experiments.benchmark.parts import PARTS
+from experiments.benchmark.parts import DEFAULT_PARTS, PARTS
 from vdm_jax import sharding
 
 FLAGS = flags.FLAGS
@@ -40,7 +40,12 @@ def define_flags() -> None:
         "devices), 'submesh' (the first N devices of this process); 'auto': subprocess on CPU "
         "when N differs from the devices this process sees, submesh otherwise.",
     )
-    flags.DEFINE_list("parts", list(PARTS), f"What to measure, of {tuple(PARTS)}.")
+    flags.DEFINE_list(
+        "parts",
+        list(DEFAULT_PARTS),
+        f"What to measure, of {tuple(PARTS)} ('train_scalar': the train step with the base "
+        "scalar schedule instead of the config's, timed in the same rounds).",
+    )
     flags.DEFINE_boolean(
         "memory_only", False, "Only compile the train step on abstract inputs: memory and FLOPs."
     )

@@ -162,7 +162,9 @@ def widest_fitting(exp: Experiment, batch_size: int, device_bytes: float) -> dic
     def estimates(k: int) -> tuple[int, dict[str, ResidualEstimate]]:
         if k not in cache:
             model_spec = dataclasses.replace(exp.model, channels=k * WIDTH_STEP)
-            wide = exp.replace(model=model_spec, vdm=model_spec.build(exp.num_classes))
+            wide = exp.replace(
+                model=model_spec, vdm=model_spec.build(exp.num_classes, exp.info.shape)
+            )
             shapes = state.state_shapes(wide)
             batch = parts.abstract_batch(wide, batch_size)
             activations = saved_activation_bytes(wide, shapes.params, batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.benchmark.parts import PARTS
+from experiments.benchmark.parts import DEFAULT_PARTS, PARTS
 
 # How a device count runs (see :func:`experiments.benchmark.sweep.run`).
 DEVICE_COUNT_MODES = ("auto", "subprocess", "submesh")
@@ -40,7 +40,7 @@ class Options:
     batch_sizes: tuple[int, ...] = ()
     device_counts: tuple[int, ...] = ()
     device_count_mode: str = "auto"
-    parts: tuple[str, ...] = tuple(PARTS)
+    parts: tuple[str, ...] = DEFAULT_PARTS
     memory_only: bool = False
     fit_device_bytes: float = 0.0
     peak_flops: float = 0.0

@@ -205,6 +205,28 @@ def train_part(
     )
 
 
+def scalar_schedule(exp: Experiment) -> Experiment:
+    """The experiment with the base config's scalar schedule in place of its own
+    (``monotone_net``, no auxiliary latent, interior on the variance): the same network,
+    data and optimiser, so that its train step is the baseline of a per-dimension one."""
+    spec = dataclasses.replace(
+        exp.model, schedule="monotone_net", schedule_grad="variance", latent_dim=0
+    )
+    loss = dataclasses.replace(exp.loss, schedule_grad="variance")
+    return exp.replace(model=spec, vdm=spec.build(exp.num_classes, exp.info.shape), loss=loss)
+
+
+def train_scalar_part(
+    exp: Experiment, batch_size: int, options: Options, context: Context
+) -> harness.Part:
+    """The train step of :func:`scalar_schedule` (its own train state), timed in the same
+    rounds as ``train``: their ratio is a per-dimension schedule's cost."""
+    scalar = scalar_schedule(exp)
+    scalar_context = Context.create(scalar)
+    part = train_part(scalar, batch_size, options, scalar_context)
+    return dataclasses.replace(part, name="train_scalar")
+
+
 def eval_part(exp: Experiment, batch_size: int, options: Options, context: Context) -> harness.Part:
     """The runner's per-batch eval program (``eval.method``) on the EMA parameters.
 
@@ -322,10 +344,15 @@ def conv_stack_part(
 # Each part's builder, in the order a timing round calls them.
 PARTS: dict[str, PartBuilder] = {
     "train": train_part,
+    "train_scalar": train_scalar_part,
     "eval": eval_part,
     "sample": sample_part,
     BASELINE: conv_stack_part,
 }
+
+
+# Parts measured unless ``--parts`` names others: ``train_scalar`` only when asked for.
+DEFAULT_PARTS = tuple(name for name in PARTS if name != "train_scalar")
 
 
 def benchmark_point(
