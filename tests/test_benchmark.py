@@ -90,7 +90,7 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     assert loaded["options"]["steps"] == 2
     assert loaded["config"]["model"]["channels"] == config.model.channels
     records = {r["part"]: r for r in loaded["results"]}
-    assert set(records) == set(parts.PARTS), loaded["results"]
+    assert set(records) == set(parts.DEFAULT_PARTS), loaded["results"]
     for rec in records.values():
         _check_record(rec)
         assert rec["batch_size"] == 8 and rec["num_devices"] == 2
@@ -117,6 +117,27 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
         assert q25 <= ratio <= q75
     table = report.format_table(loaded)
     assert "conv_stack" in table and "train" in table
+
+
+def test_train_scalar_times_the_scalar_schedules_step_in_the_same_rounds():
+    """A per-dimension, input-adaptive config beside the same network with the base scalar
+    schedule: the report's ratio is the median of the rounds' time ratios."""
+    config = test_config.get_config()
+    config.model.schedule, config.model.schedule_grad = "per_dim_polynomial", "elbo"
+    config.model.latent_dim = 4
+    opts = options.make_options(
+        steps=3, warmup=1, batch_sizes=[8], device_counts=[1], parts=["train", "train_scalar"]
+    )
+    result = sweep.run(config, opts)
+    records = {r["part"]: r for r in result["results"]}
+    assert set(records) == {"train", "train_scalar"}, result["results"]
+    ratios = np.array(records["train"]["step_s"]["all"]) / records["train_scalar"]["step_s"]["all"]
+    (cost,) = result["train_vs_train_scalar"]
+    assert cost["median"] == pytest.approx(float(np.median(ratios)))
+    assert cost["p25"] <= cost["median"] <= cost["p75"]
+    assert "train / train_scalar" in report.format_table(result)
+    scalar = parts.scalar_schedule(experiment.build(config, info=sweep.dataset_info(config)))
+    assert scalar.vdm.encoder is None and scalar.model.schedule == "monotone_net"
 
 
 def test_memory_only_compiles_without_running():

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from experiments.benchmark.options import Options
 
@@ -67,7 +68,28 @@ def build_report(
         "options": options.to_json(),
         "flop_counting": FLOP_COUNTING,
         "results": list(results),
+        "train_vs_train_scalar": train_vs_scalar(results),
     }
+
+
+def train_vs_scalar(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The config's train step over the scalar schedule's (the ``train_scalar`` part), per
+    (devices, batch): the median and quartiles over rounds of the two steps' time ratio, each
+    round timing both, so that a change of the host's load moves both alike."""
+    steps = {
+        (r["part"], r["num_devices"], r["batch_size"]): r["step_s"]["all"]
+        for r in results
+        if r["part"] in ("train", "train_scalar") and "step_s" in r
+    }
+    out = []
+    for (part, devices, batch), own in steps.items():
+        scalar = steps.get(("train_scalar", devices, batch))
+        if part != "train" or scalar is None:
+            continue
+        ratios = np.asarray(own) / np.asarray(scalar)
+        p25, median, p75 = np.percentile(ratios, [25, 50, 75])
+        out.append(dict(num_devices=devices, batch_size=batch, median=median, p25=p25, p75=p75))
+    return out
 
 
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
@@ -155,8 +177,22 @@ def format_table(report: dict[str, Any]) -> str:
     header, *body = _aligned(rows)
     sources = {r["memory"]["peak_source"] for r in results if "peak_source" in r.get("memory", {})}
     legend = _LEGEND + ("; ".join(sorted(sources)) or "not measured") + "."
+    costs = [
+        f"train / train_scalar ({c['num_devices']} devices, batch {c['batch_size']}): "
+        f"{c['median']:.3f} [{c['p25']:.3f}, {c['p75']:.3f}] (median over rounds)"
+        for c in report.get("train_vs_train_scalar", [])
+    ]
     return "\n".join(
-        [_heading(report["environment"]), header, "-" * len(header), *body, *fits, *errors, legend]
+        [
+            _heading(report["environment"]),
+            header,
+            "-" * len(header),
+            *body,
+            *fits,
+            *errors,
+            *costs,
+            legend,
+        ]
     )
 
 
