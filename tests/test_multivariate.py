@@ -384,9 +384,10 @@ def test_adaptive_schedules_are_increasing_with_fixed_endpoints_for_any_input(in
         gamma = jax.vmap(lambda u, p=noisy: module.apply(p, u, context))(t)  # [257, 5, 3, 2, 1]
         assert np.all(np.diff(np.asarray(gamma), axis=0) > 0)
         p = noisy["params"]
-        g0 = np.asarray(p["gamma_min"]).reshape(3, 2, 1)
+        g0 = np.asarray(p["gamma_min"] + p["gamma_min_offset"]).reshape(3, 2, 1)
         np.testing.assert_allclose(gamma[0], np.broadcast_to(g0, gamma[0].shape), atol=1e-4)
-        g1 = g0 + np.exp(np.asarray(p["log_gamma_range"])).reshape(3, 2, 1)
+        log_range = p["log_gamma_range"] + p["log_gamma_range_offset"]
+        g1 = g0 + np.exp(np.asarray(log_range)).reshape(3, 2, 1)
         np.testing.assert_allclose(gamma[-1], np.broadcast_to(g1, gamma[-1].shape), rtol=1e-4)
         assert not np.allclose(gamma[128, 0], gamma[128, 1])  # the input moves the interior
 

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 GammaFn = Callable[[jax.Array], jax.Array]
 
 # Parameter names that set gamma(0) and gamma(1); all other schedule parameters are interior.
-ENDPOINT_PARAMS = frozenset({"gamma_min", "log_gamma_range"})
+ENDPOINT_PARAMS = frozenset(
+    {"gamma_min", "log_gamma_range", "gamma_min_offset", "log_gamma_range_offset"}
+)
 
 
 def sigma2(gamma: jax.Array) -> jax.Array:
@@ -218,8 +220,12 @@ class PerDimensionSchedule(nn.Module):
     """One strictly increasing ``gamma_i(t)`` per data dimension, optionally input-adaptive.
 
     ``gamma_i(t) = gamma_min_i + exp(log_gamma_range_i) s_i(t)``: learned per-dimension
-    endpoints (parameters ``gamma_min``, ``log_gamma_range`` of ``event_shape``, so
-    :data:`ENDPOINT_PARAMS` still names them) and an interior ``s_i`` rising from 0 to 1:
+    endpoints and an interior ``s_i`` rising from 0 to 1. Every per-dimension quantity is a
+    shared value plus a per-dimension offset that starts at zero (``gamma_min`` [] +
+    ``gamma_min_offset`` [D], ``log_gamma_range`` [] + ``log_gamma_range_offset`` [D], all
+    :data:`ENDPOINT_PARAMS`; ``interior`` [k] + ``interior_offset`` [D, k]): the shared part
+    gets the gradient of every dimension, so it learns as fast as a scalar schedule's (on
+    digits, per-pixel endpoints alone moved a quarter as far in 4,500 steps).
 
     * ``interior="monotone"`` (ours): ``s_i = (h_i(t) - h_i(0)) / (h_i(1) - h_i(0))`` with
       ``h_i(t) = w1_i t + mean_j w3_ij sigmoid(w2_j (2t - 1) + b_j)``: one shared basis of
@@ -231,9 +237,9 @@ class PerDimensionSchedule(nn.Module):
       (``delta`` = 1e-3, relative to the coefficients' scale) keeps ``s_i' >= delta / 3``, so
       ``gamma_i`` is strictly increasing, in float32 too, even where the quadratic has a root.
 
-    The interior's coefficients are parameters (``interior``, [D, k]: the same for every
-    input) or, given a ``context`` [B, C] (an input-adaptive schedule, whose context is the
-    auxiliary latent of :class:`LatentEncoder`), the output of a small MLP of it whose last
+    The interior's per-dimension offsets are parameters (the same for every input) or, given
+    a ``context`` [B, C] (an input-adaptive schedule, whose context is the auxiliary latent
+    of :class:`vdm_jax.latents.LatentEncoder`), the output of a small MLP of it whose last
     layer starts at zero, so that the schedule starts input-independent. All dimensions
     start with the same interior, close to linear: the scalar schedule is the starting point.
 
@@ -251,20 +257,17 @@ class PerDimensionSchedule(nn.Module):
     context_hidden: int = 64
 
     def _coefficients(self, context: jax.Array | None, dims: int, k: int, init) -> jax.Array:
-        """[1, D, k] parameters, or [B, D, k] from the context; ``init`` gives one row [k]."""
-        row = init(k)
+        """A shared row ``interior`` [k] (``init(k)``) plus per-dimension offsets: parameters
+        ``interior_offset`` [D, k], or from the context, [B, D, k]; both start at zero."""
+        shared = self.param("interior", lambda _, shape: init(shape[0]), (k,))
         if context is None:
-            table = self.param("interior", lambda _, shape: jnp.broadcast_to(row, shape), (dims, k))
-            return table[None]
-        h = nn.swish(nn.Dense(self.context_hidden, name="context_0")(context))
-        h = nn.swish(nn.Dense(self.context_hidden, name="context_1")(h))
-        out = nn.Dense(
-            dims * k,
-            kernel_init=nn.initializers.zeros,
-            bias_init=lambda *_: jnp.tile(row, dims),
-            name="context_out",
-        )(h)
-        return out.reshape(-1, dims, k)
+            offset = self.param("interior_offset", nn.initializers.zeros, (dims, k))[None]
+        else:
+            h = nn.swish(nn.Dense(self.context_hidden, name="context_0")(context))
+            h = nn.swish(nn.Dense(self.context_hidden, name="context_1")(h))
+            offset = nn.Dense(dims * k, kernel_init=nn.initializers.zeros, name="context_out")(h)
+            offset = offset.reshape(-1, dims, k)
+        return shared + offset
 
     def _shape_monotone(self, t: jax.Array, coef: jax.Array) -> jax.Array:
         """s(t) [N, D] for times [N] (or [1])."""
@@ -272,8 +275,9 @@ class PerDimensionSchedule(nn.Module):
         b2 = self.param("hidden_bias", nn.initializers.normal(1.0), (self.width,))
         w1, w3 = nn.softplus(coef[..., 0]), nn.softplus(coef[..., 1:])  # [n, D], [n, D, width]
 
-        def h(u: jax.Array) -> jax.Array:  # [N] -> [N, D]
-            hidden = jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2)  # [N, width]
+        def rise(u: jax.Array) -> jax.Array:  # h(u) - h(0), [N] -> [N, D]
+            start = jax.nn.sigmoid(b2 - w2)  # [width]: the hidden units at t = 0
+            hidden = jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2) - start  # [N, width]
             if w3.shape[0] == 1:  # the same interior for every input: one matmul
                 mix = hidden @ w3[0].T
             else:
@@ -281,8 +285,8 @@ class PerDimensionSchedule(nn.Module):
                 mix = jnp.einsum("nw,ndw->nd", hidden, w3)
             return w1 * u[:, None] + mix / self.width
 
-        h_0, h_1 = h(jnp.zeros((1,))), h(jnp.ones((1,)))
-        return (h(t) - h_0) / (h_1 - h_0)
+        # Differences of sigmoids rather than of their sums: no cancellation near t = 0.
+        return rise(t) / rise(jnp.ones((1,)))
 
     @staticmethod
     def _shape_polynomial(t: jax.Array, coef: jax.Array) -> jax.Array:
@@ -314,12 +318,15 @@ class PerDimensionSchedule(nn.Module):
                 f"interior must be one of {PER_DIMENSION_INTERIORS}, got {self.interior!r}"
             )
         dims = math.prod(self.event_shape)
-        gamma_0 = self.param("gamma_min", nn.initializers.constant(self.gamma_min), (dims,))
+        zeros = nn.initializers.zeros
+        gamma_0 = self.param("gamma_min", nn.initializers.constant(self.gamma_min), ())
+        gamma_0 = gamma_0 + self.param("gamma_min_offset", zeros, (dims,))
         log_range = self.param(
             "log_gamma_range",
             nn.initializers.constant(math.log(self.gamma_max - self.gamma_min)),
-            (dims,),
+            (),
         )
+        log_range = log_range + self.param("log_gamma_range_offset", zeros, (dims,))
         times = jnp.reshape(jnp.asarray(t, jnp.float32), (-1,))  # [N]: N = 1 or B
         if self.interior == "monotone":
             init = lambda k: jnp.concatenate(  # noqa: E731
