@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from vdm_jax import (
     checkpoint,
     experiment,
+    latents,
     model,
     ode_likelihood,
     sample_quality,
@@ -51,7 +52,10 @@ def _ode_network_evals(exp: experiment.Experiment, params: Any, tolerance: float
     label = None
     if exp.conditioning.conditional:
         label = exp.conditioning.sample_labels(batch, exp.num_classes)
-    gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, label)
+    context = None
+    if exp.vdm.encoder is not None:  # an input-adaptive schedule: c ~ p(c), as the sampler
+        context = latents.sample_prior(jax.random.key(exp.seed + 1), batch, exp.model.latent_dim)
+    gamma_fn, eps_fn = model.inference_fns(exp.vdm, params, label, context)
     z_1 = jax.random.normal(jax.random.key(exp.seed), (batch, *exp.info.shape))
     solve = jax.jit(
         lambda z: (

@@ -13,9 +13,9 @@ same expected gradient; so does a third, VDM++'s adaptive importance distributio
 (what ``model.adaptive_time`` tracks during training): times from the piecewise-constant
 q(t) proportional to the root mean square of the weighted integrand, fitted on a pilot of
 the same batch (as ``eval.method=elbo_importance`` fits its proposal), with the learned
-schedule and each weight divided by q(t). Unconditional models only. The script prints
-each one's total variance ``E||g - mean g||^2`` and that of the weighted loss, their ratios
-to the linear schedule's, and writes ``{workdir}/schedule_variance.json``.
+schedule and each weight divided by q(t). Unconditional models with a scalar schedule only.
+The script prints each one's total variance ``E||g - mean g||^2`` and that of the weighted
+loss, their ratios to the linear schedule's, and writes ``{workdir}/schedule_variance.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm_jax import checkpoint, data, diffusion, elbo_estimators, experiment, model, weightings
+from vdm_jax import (
+    checkpoint,
+    data,
+    diffusion,
+    elbo_estimators,
+    experiment,
+    model,
+    schedules,
+    weightings,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir.")
@@ -77,6 +86,11 @@ def main(argv: list[str]) -> None:
     exp = experiment.build(_CONFIG.value)
     if exp.conditioning.conditional:
         raise app.UsageError("only unconditional models (config.model.conditioning='none')")
+    if schedules.SCHEDULES[exp.model.schedule].per_dimension:
+        raise app.UsageError(
+            "only scalar schedules: the comparison is with the linear schedule of the same "
+            f"endpoints, and config.model.schedule={exp.model.schedule!r} is per dimension"
+        )
     params, step = checkpoint.restore_eval_params(exp, _WORKDIR.value)
     images, _ = data.read_split(
         exp.info.name, "train", exp.data.data_dir, count=exp.training.batch_size

@@ -336,7 +336,8 @@ def test_every_scalar_schedule_gives_the_same_loss_and_per_dimension_ones_do_bet
     np.testing.assert_allclose(scalar, scalar[0], rtol=1e-6)
     better = _quadrature_nats([6.0, -6.0])  # dimension 1 late, dimension 2 early
     worse = _quadrature_nats([-6.0, 6.0])
-    assert better < scalar[0] - 0.1 < worse - 0.2  # measured: 0.95, 1.30, 1.56 nats
+    # Measured: 3.144, 4.368 and 5.592 nats; the exact denoiser 3.142 on every path.
+    assert better < scalar[0] - 1.0 < worse - 2.0
     exact = [_quadrature_nats(k, exact=True) for k in ([0.0, 0.0], [6.0, -6.0], [-6.0, 6.0])]
     np.testing.assert_allclose(exact, exact[0], rtol=1e-6)
     for curvature, want in (([3.0, 3.0], scalar[1]), ([6.0, -6.0], better)):

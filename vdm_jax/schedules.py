@@ -7,7 +7,9 @@ parameter values, so SNR decreases monotonically from t = 0 to t = 1 (one except
 ``reference_net``, the reference code's network, is non-decreasing for any parameters and
 strictly increasing unless its kernels are all zero, as in that code).
 
-Schedules are Flax modules (they hold parameters) acting elementwise on ``t`` of any shape.
+Schedules are Flax modules (they hold parameters) acting elementwise on ``t`` of any shape,
+except :class:`PerDimensionSchedule`, which gives one gamma per data dimension (``t`` [] or
+[B] -> an array of the data's rank; the per-dimension kind of :mod:`vdm_jax.diffusion`).
 The learned ones expose their endpoints as the parameters ``gamma_min`` (= gamma(0)) and
 ``log_gamma_range`` (gamma(1) = gamma_min + exp(log_gamma_range)); every other parameter
 shapes only the interior. :data:`ENDPOINT_PARAMS` names them so that training can give the
