@@ -366,6 +366,39 @@ def test_the_elbo_gradient_moves_a_per_dimension_interior_unless_the_denoiser_is
             assert np.all(np.abs(want) > 5 * stderr)
 
 
+def test_the_time_warp_leaves_the_elbo_and_trains_on_the_variance():
+    """gamma_i(t) = path_i(u(t)) with a shared warp u(t) = t^p: the ELBO gradient of p is
+    zero (the speed along the paths cannot change the continuous-time bound) while that of
+    the paths' curvature is not; ``schedule_grad="variance"`` takes p's gradient from the
+    second moment of the estimate and the curvature's from the ELBO."""
+
+    def warped(params, t):
+        u = jnp.reshape(jnp.asarray(t, jnp.float32), (-1,)) ** params["warp_linear"]
+        return _schedule_fn(params, u)
+
+    n, seeds = 8192, 8
+    params = {"curvature": jnp.array([2.0, -2.0]), "warp_linear": jnp.array(1.7)}
+    grads = {"elbo": [], "variance": []}
+    for mode in grads:
+        cfg = model.LossConfig(vocab_size=VOCAB, schedule_grad=mode)
+        step = jax.jit(
+            lambda key, cfg=cfg: model.loss_and_grads(
+                warped, params, lambda p, z, g: _restricted_eps_fn(z, g), {},
+                _correlated_data(key, n), jax.random.fold_in(key, 1), cfg,
+            )[1][0]
+        )  # fmt: skip
+        grads[mode] = [step(jax.random.key(seed)) for seed in range(seeds)]
+    elbo = {k: np.stack([g[k] for g in grads["elbo"]]) for k in params}
+    warp_mean = elbo["warp_linear"].mean()
+    warp_stderr = elbo["warp_linear"].std(ddof=1) / math.sqrt(seeds)
+    assert abs(warp_mean) < 4 * warp_stderr + 1e-4, (warp_mean, warp_stderr)
+    curvature_stderr = elbo["curvature"].std(0, ddof=1) / math.sqrt(seeds)
+    assert np.all(np.abs(elbo["curvature"].mean(0)) > 5 * curvature_stderr)
+    for g_elbo, g_var in zip(grads["elbo"], grads["variance"], strict=True):
+        np.testing.assert_allclose(g_var["curvature"], g_elbo["curvature"], rtol=1e-5)
+        assert not np.allclose(g_var["warp_linear"], g_elbo["warp_linear"])
+
+
 # --------------------------------------------------------------------------------------
 # The schedule modules, the auxiliary latent, the network and the config checks
 # --------------------------------------------------------------------------------------
@@ -461,7 +494,6 @@ def _validate(**overrides):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model.schedule_grad": "variance"}, "schedule_grad='variance': a per-dimension"),
         ({"model.weighting": "sigmoid"}, "weighting='sigmoid': a per-dimension"),
         ({"model.schedule": "monotone_net", "model.latent_dim": 8}, "only a per-dimension"),
         ({"model.schedule_per": "row"}, "schedule_per"),

@@ -168,15 +168,13 @@ def validate(
             f"config.model.schedule={config.model.schedule!r} has none (allowed: 'elbo')",
         )
         per_dim = kind.per_dimension
-        for field in ("schedule_grad", "weighting"):
-            value = config.model[field]
-            _check(
-                problems,
-                not per_dim or value == "elbo",
-                f"config.model.{field}={value!r}: a per-dimension schedule's interior changes "
-                f"the bound, so config.model.schedule={config.model.schedule!r} trains on the "
-                "ELBO (allowed: 'elbo')",
-            )
+        _check(
+            problems,
+            not per_dim or config.model.weighting == "elbo",
+            f"config.model.weighting={config.model.weighting!r}: a per-dimension schedule's "
+            f"paths change the bound, so config.model.schedule={config.model.schedule!r} "
+            "trains on the ELBO (allowed: 'elbo')",
+        )
         latent_dim = config.model.latent_dim
         _range(problems, config, "model.latent_dim", lambda v: isinstance(v, int) and v >= 0,
                "an integer >= 0 (0: no auxiliary latent)")  # fmt: skip

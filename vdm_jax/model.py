@@ -137,11 +137,17 @@ class VDM(nn.Module):
         return self.eps(z, self.gamma(t, context), label, context, train=train)
 
 
-def _merge_schedule_grads(elbo_grads: Params, variance_grads: Params) -> Params:
-    """Endpoint leaves from the ELBO gradient, every other leaf from the variance gradient."""
+def _merge_schedule_grads(
+    elbo_grads: Params, variance_grads: Params, per_dimension: bool = False
+) -> Params:
+    """Scalar schedule: endpoint leaves from the ELBO gradient, every other leaf from the
+    variance gradient. Per-dimension schedule: the time warp's leaves from the variance
+    gradient, every other leaf (the paths) from the ELBO's."""
 
     def pick(path, g_elbo, g_var):
         name = getattr(path[-1], "key", None)
+        if per_dimension:
+            return g_var if name in schedules.WARP_PARAMS else g_elbo
         return g_elbo if name in schedules.ENDPOINT_PARAMS else g_var
 
     return jax.tree_util.tree_map_with_path(pick, elbo_grads, variance_grads)
@@ -178,7 +184,9 @@ def loss_and_grads(
     A per-dimension schedule (:mod:`vdm_jax.diffusion`) changes the expected ELBO through
     its interior too, unless the denoiser is exact (then the diffusion loss is a line
     integral of a gradient field, the I-MMSE relation, and depends on the endpoints only).
-    So it trains on the ELBO alone: ``schedule_grad="variance"`` and weightings other than
+    Only the speed along its paths cannot: with ``"variance"`` its shared time warp
+    (:data:`vdm_jax.schedules.WARP_PARAMS`) trains on the variance and every other
+    parameter on the ELBO; with ``"elbo"`` all train on the ELBO. Weightings other than
     ``"elbo"`` are refused for it. With ``latent_fn`` (an input-adaptive schedule) the
     context ``c ~ q(c | x)`` is drawn on the schedule's side, its KL term joins the
     objective, and both the schedule and the denoiser are conditioned on ``c``.
@@ -230,11 +238,10 @@ def loss_and_grads(
 
     (values, context, kl), schedule_vjp = jax.vjp(values_of, schedule_params)
     per_dimension = diffusion.is_per_dimension(values.gamma_t)
-    if per_dimension and (cfg.schedule_grad != "elbo" or cfg.weighting != "elbo"):
+    if per_dimension and cfg.weighting != "elbo":
         raise ValueError(
-            "a per-dimension schedule trains on the ELBO (its interior changes the bound): "
-            f"schedule_grad must be 'elbo' and weighting 'elbo', got {cfg.schedule_grad!r}, "
-            f"{cfg.weighting!r}"
+            "a per-dimension schedule trains its paths on the ELBO (they change the bound): "
+            f"weighting must be 'elbo', got {cfg.weighting!r}"
         )
     if per_dimension:
         w, dw_dgamma = jnp.ones(()), jnp.zeros(())
@@ -264,15 +271,18 @@ def loss_and_grads(
         d_kl = jnp.full_like(kl, 1.0 / (batch * num_dims * math.log(2.0)))
     (schedule_grads,) = schedule_vjp((elbo_d_values, d_context, d_kl))
     if cfg.schedule_grad == "variance":
-        scale = 2.0 * jax.lax.stop_gradient(weighted)
+        scale = diffusion.broadcast_batch(2.0 * jax.lax.stop_gradient(weighted), d_values.weight)
+        slope = diffusion.broadcast_batch(dw_dgamma * terms["diffusion"] / batch, scale)
         d_variance = diffusion.ScheduleValues(
             gamma_0=jnp.zeros_like(d_values.gamma_0),
             gamma_1=jnp.zeros_like(d_values.gamma_1),
-            gamma_t=scale * (d_values.gamma_t + dw_dgamma * terms["diffusion"] / batch),
+            gamma_t=scale * (d_values.gamma_t + slope),
             weight=scale * d_values.weight,
         )
-        (variance_grads,) = schedule_vjp((d_variance, None, None))
-        schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads)
+        d_context = None if d_context is None else jnp.zeros_like(d_context)
+        d_kl = None if d_kl is None else jnp.zeros_like(d_kl)
+        (variance_grads,) = schedule_vjp((d_variance, d_context, d_kl))
+        schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads, per_dimension)
     loss = jnp.mean(sum(terms.values()))
     if cfg.weighting != "elbo":
         terms = {**terms, "diffusion_weighted": weighted}
