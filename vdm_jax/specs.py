@@ -35,9 +35,9 @@ def added(before: Any) -> Any:
 
 
 # Compute dtypes by name (``model.dtype``); parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a per-dimension schedule has one gamma for (``model.schedule_per``).
 SCHEDULE_PER = ("dimension", "channel")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,9 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
 
     cond_dense_0, cond_dense_1   Dense: time embedding [B, channels] -> [B, 4 channels]
     label_embed                  Embed: only when num_classes > 0
-    conv_in                      Conv 3x3: input (z and its Fourier features) -> channels
+    context_dense                Dense: only with a context (an auxiliary latent) [B, L]
+    conv_in                      Conv 3x3: input (z, its Fourier features and, for a
+                                 per-dimension gamma, its map) -> channels
     down_{i}, i < num_blocks     ResBlock (down_attn_{i} after each when attention == "all")
     mid_res_0, mid_attn, mid_res_1
     up_{i}, i <= num_blocks      ResBlock on concat(h, skip), given as the two parts
