@@ -119,6 +119,7 @@ def test_harness_runs_on_the_tiny_config_and_writes_json(tmp_path):
     assert "conv_stack" in table and "train" in table
 
 
+@pytest.mark.slow  # compiles two train steps
 def test_train_scalar_times_the_scalar_schedules_step_in_the_same_rounds():
     """A per-dimension, input-adaptive config beside the same network with the base scalar
     schedule: the report's ratio is the median of the rounds' time ratios."""

@@ -119,6 +119,7 @@ def test_prior_and_reconstruction_terms_take_each_dimensions_endpoint():
     np.testing.assert_allclose(got, want_recon, rtol=1e-4)
 
 
+@pytest.mark.slow  # compiles the samplers, ODE solves and a U-Net: the slow tier
 def test_equal_dimensions_are_the_scalar_schedule():
     """A per-dimension schedule whose dimensions all follow one scalar schedule gives the
     scalar path's losses, samples and ODE likelihoods (the scalar case is a special case)."""
@@ -171,6 +172,7 @@ def _marginal(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(a2) * MU, a2 * S**2 + s2
 
 
+@pytest.mark.slow  # 1,000 steps of each sampler
 @pytest.mark.parametrize("sampler", sorted(samplers.SAMPLER_NAMES))
 def test_samplers_reach_each_dimensions_data_marginal(sampler):
     """z_0 ~ N(alpha_0,i mu_i, alpha_0,i^2 s_i^2 + sigma_0,i^2) in every dimension."""
@@ -449,6 +451,7 @@ def test_gaussian_kl_matches_its_monte_carlo_definition():
     np.testing.assert_allclose(latents.gaussian_kl(jnp.zeros((1, 3)), jnp.zeros((1, 3))), [0.0])
 
 
+@pytest.mark.slow  # compiles the samplers, ODE solves and a U-Net: the slow tier
 def test_an_adaptive_vdm_starts_input_independent_and_trains_every_part():
     """At initialisation q(c | x) = p(c) (KL 0) and the schedule ignores c; one gradient
     reaches the encoder, the schedule and the network, and the KL is part of the loss."""
