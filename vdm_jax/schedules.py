@@ -218,6 +218,12 @@ class ReferenceNetSchedule(nn.Module):
         return h[..., 0]
 
 
+def _sigmoid_rise(u: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
+    """``sigmoid(w2 (2u - 1) + b2) - sigmoid(b2 - w2)``, [N] -> [N, width]: each hidden unit's
+    rise since t = 0, as a difference of sigmoids (no cancellation of their sums near 0)."""
+    return jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2) - jax.nn.sigmoid(b2 - w2)
+
+
 class PerDimensionSchedule(nn.Module):
     """One strictly increasing ``gamma_i(t)`` per data dimension, optionally input-adaptive.
 
@@ -290,8 +296,7 @@ class PerDimensionSchedule(nn.Module):
         w3 = nn.softplus(self.param("warp_output_kernel", nn.initializers.constant(-8.0), (16,)))
 
         def rise(u: jax.Array) -> jax.Array:  # h(u) - h(0)
-            hidden = jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2) - jax.nn.sigmoid(b2 - w2)
-            return w1 * u + jnp.mean(w3 * hidden, axis=-1)
+            return w1 * u + jnp.mean(w3 * _sigmoid_rise(u, w2, b2), axis=-1)
 
         return rise(t) / rise(jnp.ones((1,)))
 
@@ -302,8 +307,7 @@ class PerDimensionSchedule(nn.Module):
         w1, w3 = nn.softplus(coef[..., 0]), nn.softplus(coef[..., 1:])  # [n, D], [n, D, width]
 
         def rise(u: jax.Array) -> jax.Array:  # h(u) - h(0), [N] -> [N, D]
-            start = jax.nn.sigmoid(b2 - w2)  # [width]: the hidden units at t = 0
-            hidden = jax.nn.sigmoid(w2 * (2.0 * u[:, None] - 1.0) + b2) - start  # [N, width]
+            hidden = _sigmoid_rise(u, w2, b2)  # [N, width]
             if w3.shape[0] == 1:  # the same interior for every input: one matmul
                 mix = hidden @ w3[0].T
             else:
