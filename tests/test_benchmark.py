@@ -32,6 +32,7 @@ STEP_KEYS = {"median", "p25", "p75", "min", "max", "mean", "n", "all"}
         dict(num_blocks=2, channels=16),
         dict(num_blocks=1, channels=32, attention="all", fourier_features=False),
         dict(num_blocks=1, channels=16, num_classes=3, label_input="flag"),
+        dict(num_blocks=1, channels=16, outputs_per_channel=5),
     ],
 )
 def test_analytic_flops_match_the_traced_program(kwargs):

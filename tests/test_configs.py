@@ -119,6 +119,10 @@ def test_command_line_overrides():
             r"config\.model\.parameterization='score'.*'eps', 'v', 'x'",
         ),
         (
+            {"model.parameterization": "categorical", "model.add_z_to_eps": True},
+            r"config\.model\.parameterization='categorical' outputs logits, .* add_z_to_eps",
+        ),
+        (
             {"model.adaptive_time": True, "model.timesteps": 10, "sample.num_steps": 10},
             r"config\.model\.adaptive_time=True needs continuous time",
         ),

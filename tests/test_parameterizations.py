@@ -24,7 +24,8 @@ from vdm_jax import (
 
 MU, S, K = 0.3, 0.5, 16
 GAMMA_0, GAMMA_1 = -13.3, 5.0
-NAMES = tuple(parameterizations.PARAMETERIZATIONS)
+# The predictions of a real number (the categorical one has its own tests, on grid data).
+NAMES = tuple(k for k, v in parameterizations.PARAMETERIZATIONS.items() if v.from_eps is not None)
 EXACT_OUTPUT = {"eps": exact_eps_fn(MU, S), "x": exact_x_fn(MU, S), "v": exact_v_fn(MU, S)}
 # x_hat enters eps_hat divided by sigma (1.3e-3 at GAMMA_0): float32 rounding of z - alpha x_hat
 # (about 1e-7) grows to about 1e-4 there.

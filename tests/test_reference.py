@@ -522,6 +522,7 @@ def test_model_overrides_for_released_checkpoints():
         "add_z_to_eps": True,
         "schedule": "learned_linear",
         "timesteps": 0,
+        "parameterization": "eps",
     }
     # At 128 and 320 channels our default GroupNorm grouping is the reference's as well.
     for width in (128, 256, 320, 640):

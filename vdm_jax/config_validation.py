@@ -187,6 +187,15 @@ def validate(
             f"{config.model.schedule!r} is scalar (allowed: {per_dim_names})",
         )
     _choice(problems, config, "model.schedule_per", list(specs.SCHEDULE_PER))
+    if known["model.parameterization"]:
+        param = parameterizations.PARAMETERIZATIONS[config.model.parameterization]
+        _check(
+            problems,
+            not (param.outputs_per_value and config.model.add_z_to_eps),
+            f"config.model.parameterization={config.model.parameterization!r} outputs logits, "
+            "to which config.model.add_z_to_eps=True cannot add z (allowed: add_z_to_eps "
+            "False, or parameterization 'eps', 'x' or 'v')",
+        )
 
     # Batches split evenly over hosts and devices (devices is a multiple of hosts).
     for field in ("training.batch_size", "eval.batch_size", "sample.batch_size"):

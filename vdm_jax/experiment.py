@@ -128,7 +128,7 @@ def build(
         info=info,
         mesh=mesh,
         model=model_spec,
-        vdm=model_spec.build(cond.num_classes(info), info.shape),
+        vdm=model_spec.build(cond.num_classes(info), info.shape, info.vocab_size),
         loss=model.LossConfig(
             vocab_size=info.vocab_size,
             timesteps=model_spec.timesteps,

@@ -44,7 +44,8 @@ def unet_forward_flops(net: unet.ScoreUNet, batch: int, shape: tuple[int, int, i
 
     Args:
       net: the score network (its ``num_blocks``, ``channels``, ``attention``, Fourier
-        features, labels and ``label_input`` matter; dtype and remat do not).
+        features, labels, ``label_input`` and ``outputs_per_channel`` matter; dtype and
+        remat do not).
       batch: number of images.
       shape: (H, W, C) of one image.
 
@@ -81,7 +82,7 @@ def unet_forward_flops(net: unet.ScoreUNet, batch: int, shape: tuple[int, int, i
     total += 2 * res_block(width)  # middle
     total += (net.num_blocks + 1) * res_block(2 * width)  # up, on concat(h, skip)
     total += num_attn * attn
-    total += conv3x3_flops(batch, h, w, width, c)  # conv_out
+    total += conv3x3_flops(batch, h, w, width, c * net.outputs_per_channel)  # conv_out
     return total
 
 

@@ -98,12 +98,15 @@ class VDM(nn.Module):
         ``x`` or ``v``); :meth:`eps` converts the network's output into ``eps_hat``.
       encoder: None, or the :class:`vdm_jax.latents.LatentEncoder` of an input-adaptive
         schedule's auxiliary latent (params ``encoder``).
+      vocab_size: K, the number of values each data dimension takes: read by the
+        ``categorical`` parameterisation (whose network outputs K logits per channel).
     """
 
     schedule: nn.Module
     score_net: nn.Module
     parameterization: str = "eps"
     encoder: nn.Module | None = None
+    vocab_size: int = 0
 
     def gamma(self, t: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """gamma(t) (given the context ``c`` [B, L] for an input-adaptive schedule)."""
@@ -123,7 +126,9 @@ class VDM(nn.Module):
             out = self.score_net(z, gamma_t, label, train=train)
         else:
             out = self.score_net(z, gamma_t, label, train=train, context=context)
-        return parameterizations.PARAMETERIZATIONS[self.parameterization].to_eps(out, z, gamma_t)
+        return parameterizations.PARAMETERIZATIONS[self.parameterization].to_eps(
+            out, z, gamma_t, self.vocab_size
+        )
 
     def posterior(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q(c | x) from the encoded data f [B, ...]: (mean, log_var), each [B, L]."""

@@ -239,12 +239,18 @@ def model_overrides(
 
     Score-network fields as in :func:`score_net_kwargs` plus ``schedule`` (and
     ``schedule_width`` for ``reference_net``), ``timesteps = 0`` (continuous time, as in the
-    released configs) and, for ``reference_net``, ``schedule_grad = "elbo"``.
+    released configs), ``parameterization = "eps"`` and, for ``reference_net``,
+    ``schedule_grad = "elbo"``.
     ``conditioning`` stays the config's: ``"none"`` for ``cifar10``, ``"augmentation"`` for
     ``cifar10_aug`` (both evaluate with the flag 0, as the reference does).
     """
     name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
-    overrides = {**score_net_kwargs(arch, gamma_min, gamma_max), "schedule": name, "timesteps": 0}
+    overrides = {
+        **score_net_kwargs(arch, gamma_min, gamma_max),
+        "schedule": name,
+        "timesteps": 0,
+        "parameterization": "eps",
+    }
     if name == "reference_net":
         overrides["schedule_width"] = kwargs["width"]
         overrides["schedule_grad"] = "elbo"

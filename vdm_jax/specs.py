@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 
-from vdm_jax import latents, model, schedules, unet
+from vdm_jax import latents, model, parameterizations, schedules, unet
 
 
 def may_change() -> Any:
@@ -83,7 +83,9 @@ class ModelSpec:
     latent_dim: int = added(0)
     latent_channels: int = added(32)
 
-    def build(self, num_classes: int, image_shape: tuple[int, ...] | None = None) -> model.VDM:
+    def build(
+        self, num_classes: int, image_shape: tuple[int, ...] | None = None, vocab_size: int = 0
+    ) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none).
 
         ``image_shape`` (H, W, C) is needed by a per-dimension schedule.
@@ -96,6 +98,7 @@ class ModelSpec:
         schedule = schedules.SCHEDULES[self.schedule].build(
             self.gamma_min, self.gamma_max, self.schedule_width, event_shape
         )
+        param = parameterizations.PARAMETERIZATIONS[self.parameterization]
         encoder = None
         if self.latent_dim > 0:
             encoder = latents.LatentEncoder(self.latent_dim, self.latent_channels)
@@ -116,8 +119,9 @@ class ModelSpec:
             label_input=self.label_input,
             min_group_size=self.min_group_size,
             add_z_to_eps=self.add_z_to_eps,
+            outputs_per_channel=vocab_size if param.outputs_per_value else 1,
         )
-        return model.VDM(schedule, score_net, self.parameterization, encoder)
+        return model.VDM(schedule, score_net, self.parameterization, encoder, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
     up_{i}, i <= num_blocks      ResBlock on concat(h, skip), given as the two parts
                                  (up_attn_{i} when "all")
     norm_out, conv_out           GroupNorm, Conv 3x3 (zero-initialised): channels -> C
+                                 (C * outputs_per_channel: K logits per channel for the
+                                 categorical parameterisation)
 
     ResBlock:  norm_0, conv_0, cond_proj, norm_1, conv_1 (zero-initialised),
                skip_proj (Dense 1x1, only when the input width differs: the up blocks)
@@ -481,6 +483,8 @@ class ScoreUNet(nn.Module):
       min_group_size: fewest channels per GroupNorm group (4); 1 for the reference layout.
       add_z_to_eps: return ``conv_out(...) + z`` (the reference code's output); False
         returns ``conv_out(...)``, which is zero at initialisation.
+      outputs_per_channel: output channels per input channel: 1 (a prediction of eps, x or
+        v), or K (logits over the K data values, :mod:`vdm_jax.parameterizations`).
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32.
       remat: rematerialise each ResNet and attention block in the backward pass.
     """
@@ -499,6 +503,7 @@ class ScoreUNet(nn.Module):
     num_groups: int = 32
     min_group_size: int = MIN_GROUP_SIZE
     add_z_to_eps: bool = False
+    outputs_per_channel: int = 1
     dtype: Any = jnp.float32
     remat: bool = False
 
@@ -530,19 +535,22 @@ class ScoreUNet(nn.Module):
             ``cond_dense_1``.
 
         Returns:
-          eps_hat: [B, H, W, C] float32. At initialisation (``conv_out`` is zero-initialised)
+          The prediction (eps_hat, or what ``parameterization`` names), [B, H, W, C *
+          outputs_per_channel] float32. At initialisation (``conv_out`` is zero-initialised)
           exactly zero, or exactly ``z`` with ``add_z_to_eps``.
         """
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.label_input not in LABEL_INPUTS:
             raise ValueError(f"label_input must be one of {LABEL_INPUTS}, got {self.label_input!r}")
+        if self.add_z_to_eps and self.outputs_per_channel != 1:
+            raise ValueError("add_z_to_eps needs one output channel per input channel")
         if (label is None) != (self.num_classes == 0):
             raise ValueError(
                 f"label must be given iff num_classes > 0 (num_classes={self.num_classes}, "
                 f"label {'missing' if label is None else 'given'})"
             )
-        b, c_out = z.shape[0], z.shape[-1]
+        b, c_out = z.shape[0], z.shape[-1] * self.outputs_per_channel
         width, emb = self.channels, 4 * self.channels
 
         # Conditioning, in float32: it is [B, 4 channels], negligible next to the convs.

@@ -213,7 +213,9 @@ def scalar_schedule(exp: Experiment) -> Experiment:
         exp.model, schedule="monotone_net", schedule_grad="variance", latent_dim=0
     )
     loss = dataclasses.replace(exp.loss, schedule_grad="variance")
-    return exp.replace(model=spec, vdm=spec.build(exp.num_classes, exp.info.shape), loss=loss)
+    return exp.replace(
+        model=spec, vdm=spec.build(exp.num_classes, exp.info.shape, exp.info.vocab_size), loss=loss
+    )
 
 
 def train_scalar_part(
