@@ -1,7 +1,8 @@
 """Per-dimension and input-adaptive noise schedules (MuLAN) on the embedded digits.
 
-The digits default (``configs/digits.py``) with its scalar schedule replaced; the same
-network, optimiser and 4,500 steps, so the README's table compares schedules at one budget.
+The second digits default (``configs/digits_v2.py``: eps prediction, uniform training times)
+with its scalar schedule replaced; the same network, optimiser and 4,500 steps, so the
+README's table compares schedules at one budget.
 Pick the variant after a colon::
 
   python -m experiments.main --config=configs/digits_mulan.py:adaptive \\
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import digits
+from configs import digits_v2
 
 VARIANTS = {
     "per_dim": ("per_dim_monotone", 0),
@@ -35,11 +36,11 @@ VARIANTS = {
 
 
 def get_config(variant: str = "adaptive") -> ml_collections.ConfigDict:
-    """The digits default with the ``variant``'s schedule (a key of :data:`VARIANTS`)."""
+    """The second digits default with the ``variant``'s schedule (a key of :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {sorted(VARIANTS)}")
     schedule, latent_dim = VARIANTS[variant]
-    config = digits.get_config()
+    config = digits_v2.get_config()
     config.model.schedule = schedule
     config.model.schedule_width = 16  # The monotone interior's basis, per pixel.
     config.model.schedule_grad = "variance"  # The time warp on the variance, paths on the ELBO.

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every = 4
     config.training.checkpoint_every = 2
     config.eval.batch_size = 64
+    config.eval.num_time_samples = 16
     config.sample.num_samples = 16
     config.sample.batch_size = 16
     config.sample.num_steps = 8

@@ -21,6 +21,7 @@ CONFIGS = (
     "imagenet64",
     "digits",
     "digits_v1",
+    "digits_v2",
     "test",
 )
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.

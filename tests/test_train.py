@@ -107,8 +107,8 @@ def test_adaptive_time_tracks_the_integrand_in_the_train_state():
     assert bool(metrics["finite"]) and np.all(np.isfinite(moments)) and np.all(moments > 0)
     changed = moments != 1.0
     assert 0 < changed.sum() <= 16  # one bin per example at most
-    assert tiny_config().model.adaptive_time is False  # off by default: no state field
-    assert state.create_train_state(experiment.build(tiny_config())).time_moments is None
+    uniform = tiny_config(**{"model.adaptive_time": False})  # uniform times: no state field
+    assert state.create_train_state(experiment.build(uniform)).time_moments is None
 
 
 @pytest.mark.slow
