@@ -79,16 +79,16 @@ def _v_from_eps(eps: jax.Array, z: jax.Array, gamma: jax.Array, vocab_size: int 
 
 
 def grid_log_likelihood(z: jax.Array, gamma: jax.Array, vocab_size: int) -> jax.Array:
-    """``log N(z_i; alpha v_k, sigma^2)`` up to a term constant in ``k``: [B, ..., K].
+    """``log N(z_i; alpha v_k, sigma^2)`` up to its normaliser (constant in ``k``): [B, ..., K].
 
-    ``v_k`` are the ``K`` bin centres of :func:`vdm_jax.diffusion.encode`. The dropped term,
-    ``-z_i^2 / (2 sigma^2)`` and the normaliser, cancels in a softmax over ``k``; keeping it
-    would add float32 rounding of order ``z^2 / sigma^2`` (1e6 at ``gamma = -13``).
+    ``v_k`` are the ``K`` bin centres of :func:`vdm_jax.diffusion.encode`. The residual
+    ``z_i - alpha v_k`` is formed before it is scaled, so the values that compete in a
+    softmax (the levels nearest ``z_i``) keep their float32 precision at any noise level.
     """
     alpha, sigma = _alpha_sigma(z, gamma)
     levels = diffusion.encode(jnp.arange(vocab_size), vocab_size)  # [K]
-    mean = alpha[..., None] * levels  # [B or 1, ..., K]
-    return (z[..., None] * mean - 0.5 * mean**2) / sigma[..., None] ** 2
+    residual = (z[..., None] - alpha[..., None] * levels) / sigma[..., None]
+    return -0.5 * jnp.square(residual)
 
 
 def _eps_from_logits(
