@@ -153,8 +153,11 @@ def test_memory_only_compiles_without_running():
     assert rec["memory"]["memory_analysis_per_device"]["temp_bytes"] > 0
     assert rec["flops"]["analytic"] > 0 and rec["num_params"] > 0
     est = rec["memory"]["residual_estimate_per_device"]
-    # Parameters, EMA and Adam's two moments (float32), plus Adam's step count.
-    assert 4 * 4 * rec["num_params"] <= est["train_state_bytes"] <= 4 * 4 * rec["num_params"] + 64
+    # Parameters, EMA and Adam's two moments (float32), plus Adam's step count and the
+    # adaptive time distribution's per-bin moments.
+    low = 4 * 4 * rec["num_params"]
+    assert config.model.adaptive_time
+    assert low <= est["train_state_bytes"] <= low + 64 + 4 * state.TIME_BINS
     assert est["gradient_bytes"] == 4 * rec["num_params"]
     assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
     assert est["gathered_param_bytes"] == 0  # Replicated: the state's own copy is used.
@@ -183,7 +186,9 @@ def test_widest_fitting_width_fits_and_the_next_does_not():
 
     def total(layout: str, channels: int) -> int:
         spec = dataclasses.replace(exp.model, channels=channels)
-        wide = exp.replace(model=spec, vdm=spec.build(exp.num_classes, exp.info.shape))
+        wide = exp.replace(
+            model=spec, vdm=spec.build(exp.num_classes, exp.info.shape, exp.info.vocab_size)
+        )
         shapes = state.state_shapes(wide)
         activations = memory.saved_activation_bytes(
             wide, shapes.params, parts.abstract_batch(wide, 8)
