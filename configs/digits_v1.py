@@ -1,4 +1,4 @@
-"""The first digits default: ``configs/digits.py`` starts from it and names its changes.
+"""The first digits default: ``configs/digits_v2.py`` starts from it and names its changes.
 
 Launch (as ``make digits`` does, with this config)::
 

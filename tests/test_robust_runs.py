@@ -206,7 +206,7 @@ class _StateBeforeTimeMoments:
 def test_checkpoints_from_before_an_optional_state_field_still_restore(tmp_path):
     """A state without ``time_moments`` saves the old layout, and an old checkpoint (the
     dataclass without the field) restores into today's state, digest verified."""
-    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    exp = experiment.build(tiny_config(**{"model.adaptive_time": False}), jax.devices()[:1])
     fresh = state.create_train_state(exp)
     old = _StateBeforeTimeMoments(**{k: getattr(fresh, k) for k in _OLD_FIELDS})
     path = str(tmp_path)

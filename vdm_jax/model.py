@@ -95,7 +95,8 @@ class VDM(nn.Module):
       score_net: ``(z [B, ...], gamma_t, label [B] | None, train, context) -> [B, ...]``,
         the prediction that ``parameterization`` names.
       parameterization: a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS` key (``eps``,
-        ``x`` or ``v``); :meth:`eps` converts the network's output into ``eps_hat``.
+        ``x``, ``v`` or ``categorical``); :meth:`eps` converts the network's output into
+        ``eps_hat``.
       encoder: None, or the :class:`vdm_jax.latents.LatentEncoder` of an input-adaptive
         schedule's auxiliary latent (params ``encoder``).
       vocab_size: K, the number of values each data dimension takes: read by the

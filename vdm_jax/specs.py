@@ -88,7 +88,8 @@ class ModelSpec:
     ) -> model.VDM:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none).
 
-        ``image_shape`` (H, W, C) is needed by a per-dimension schedule.
+        ``image_shape`` (H, W, C) is needed by a per-dimension schedule, ``vocab_size`` (K)
+        by the categorical parameterisation.
         """
         event_shape = None
         if image_shape is not None:
@@ -99,6 +100,11 @@ class ModelSpec:
             self.gamma_min, self.gamma_max, self.schedule_width, event_shape
         )
         param = parameterizations.PARAMETERIZATIONS[self.parameterization]
+        if param.outputs_per_value and vocab_size < 2:
+            raise ValueError(
+                f"parameterization {self.parameterization!r} outputs one logit per data value "
+                f"and needs the vocabulary size (got {vocab_size})"
+            )
         encoder = None
         if self.latent_dim > 0:
             encoder = latents.LatentEncoder(self.latent_dim, self.latent_channels)
