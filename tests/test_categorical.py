@@ -36,16 +36,18 @@ def _alpha_sigma(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(1 / (1 + np.exp(gamma))), np.sqrt(1 / (1 + np.exp(-gamma)))
 
 
-def _bayes_x_hat(z: np.ndarray, gamma: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
-    """E[x_i | z] for independent dimensions by enumeration over the K values (float64).
+def _bayes_x_hat(
+    z: np.ndarray, gamma: np.ndarray, log_prior: np.ndarray, levels: np.ndarray = LEVELS
+) -> np.ndarray:
+    """E[x_i | z] for independent dimensions by enumeration over the values ``levels`` (float64).
 
-    z [B, D]; gamma broadcasting to [B, D]; log_prior [D, K] or [B, D, K].
+    z [B, ...]; gamma broadcasting to z; log_prior broadcasting to [B, ..., K].
     """
     a, s = _alpha_sigma(np.broadcast_to(gamma, z.shape))
-    log_lik = -0.5 * ((z[..., None] - a[..., None] * LEVELS) / s[..., None]) ** 2
+    log_lik = -0.5 * ((z[..., None] - a[..., None] * levels) / s[..., None]) ** 2
     log_post = log_lik + log_prior
     post = np.exp(log_post - logsumexp(log_post, axis=-1, keepdims=True))
-    return (post * LEVELS).sum(-1)
+    return (post * levels).sum(-1)
 
 
 def _draws(n: int, seed: int, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,10 +234,8 @@ def test_digits_model_outputs_k_logits_per_channel_and_starts_at_the_uniform_pri
     eps = model.inference_fns(vdm, params)[1](z, gamma)
     levels = 2 * (np.arange(17) + 0.5) / 17 - 1
     zz, g = np.asarray(z, np.float64), np.asarray(gamma, np.float64)[:, None, None, None]
-    a, s = _alpha_sigma(g)
-    log_post = -0.5 * ((zz[..., None] - a[..., None] * levels) / s[..., None]) ** 2
-    post = np.exp(log_post - logsumexp(log_post, axis=-1, keepdims=True))
-    np.testing.assert_allclose(eps, (zz - a * (post * levels).sum(-1)) / s, atol=1e-4)
+    uniform = _bayes_x_hat(zz, g, np.zeros(17), levels)
+    np.testing.assert_allclose(eps, _eps_of(uniform, zz, g), atol=1e-4)
 
 
 def test_the_conversion_refuses_a_missing_vocabulary_or_the_wrong_width():
