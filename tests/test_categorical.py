@@ -220,6 +220,7 @@ def test_gradient_with_respect_to_the_logits_matches_central_differences():
         assert abs((plus - minus) / (2 * h) - grad[index]) < 2e-3 + 1e-2 * abs(grad[index])
 
 
+@pytest.mark.slow  # Builds and compiles the whole digits U-Net.
 def test_digits_model_outputs_k_logits_per_channel_and_starts_at_the_uniform_prior():
     config = test_config.get_config()
     config.model.parameterization = "categorical"
