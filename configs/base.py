@@ -16,8 +16,9 @@ Fields:
     :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
     identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
-    entry) is what the network predicts: "eps", "x", "v" or "categorical" (logits over the
-    data's values). ``weighting`` (a
+    entry) is what the network predicts: "eps", "x", "v", "categorical" (logits over the
+    data's values) or "discretized_logistic" (a logistic's location and scale, discretised
+    to the data's values). ``weighting`` (a
     :data:`vdm_jax.weightings.WEIGHTINGS` entry) weights the denoiser's diffusion loss by
     log-SNR; ``weighting_bias`` is the sigmoid weighting's bias. ``adaptive_time`` draws
     training times from an importance distribution tracked during training. The
@@ -91,8 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.min_group_size = 4  # GroupNorm channels per group, at least.
     config.model.add_z_to_eps = False  # The reference predicts eps_hat = net(z) + z.
     # What the network predicts (a vdm_jax.parameterizations.PARAMETERIZATIONS entry): "eps",
-    # "x", "v" (= alpha eps - sigma x) or "categorical" (K logits per channel, read as the
-    # posterior mean over the data's values); the loss and samplers receive the eps_hat.
+    # "x", "v" (= alpha eps - sigma x), "categorical" (K logits per channel, read as the
+    # posterior mean over the data's values) or "discretized_logistic" (2 per channel: a
+    # logistic over the values, then as categorical); the loss and samplers get the eps_hat.
     config.model.parameterization = "eps"
     # The denoiser's training loss (a vdm_jax.weightings.WEIGHTINGS entry): "elbo" (w = 1),
     # "sigmoid" (w = sigmoid(weighting_bias - log SNR)) or "edm" (Kingma & Gao 2023). The

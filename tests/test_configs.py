@@ -121,7 +121,8 @@ def test_command_line_overrides():
         ),
         (
             {"model.parameterization": "categorical", "model.add_z_to_eps": True},
-            r"config\.model\.parameterization='categorical' outputs logits, .* add_z_to_eps",
+            r"config\.model\.parameterization='categorical' outputs a distribution .* "
+            r"add_z_to_eps",
         ),
         (
             {"model.adaptive_time": True, "model.timesteps": 10, "sample.num_steps": 10},

@@ -191,10 +191,10 @@ def validate(
         param = parameterizations.PARAMETERIZATIONS[config.model.parameterization]
         _check(
             problems,
-            not (param.outputs_per_value and config.model.add_z_to_eps),
-            f"config.model.parameterization={config.model.parameterization!r} outputs logits, "
-            "to which config.model.add_z_to_eps=True cannot add z (allowed: add_z_to_eps "
-            "False, or parameterization 'eps', 'x' or 'v')",
+            not (param.needs_vocab and config.model.add_z_to_eps),
+            f"config.model.parameterization={config.model.parameterization!r} outputs a "
+            "distribution over the data's values, to which config.model.add_z_to_eps=True "
+            "cannot add z (allowed: add_z_to_eps False, or parameterization 'eps', 'x' or 'v')",
         )
 
     # Batches split evenly over hosts and devices (devices is a multiple of hosts).

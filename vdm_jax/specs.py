@@ -89,7 +89,7 @@ class ModelSpec:
         """The VDM this spec describes, embedding ``num_classes`` labels (0: none).
 
         ``image_shape`` (H, W, C) is needed by a per-dimension schedule, ``vocab_size`` (K)
-        by the categorical parameterisation.
+        by the parameterisations on the data's grid.
         """
         event_shape = None
         if image_shape is not None:
@@ -100,9 +100,9 @@ class ModelSpec:
             self.gamma_min, self.gamma_max, self.schedule_width, event_shape
         )
         param = parameterizations.PARAMETERIZATIONS[self.parameterization]
-        if param.outputs_per_value and vocab_size < 2:
+        if param.needs_vocab and vocab_size < 2:
             raise ValueError(
-                f"parameterization {self.parameterization!r} outputs one logit per data value "
+                f"parameterization {self.parameterization!r} reads the data's grid of values "
                 f"and needs the vocabulary size (got {vocab_size})"
             )
         encoder = None
@@ -125,7 +125,7 @@ class ModelSpec:
             label_input=self.label_input,
             min_group_size=self.min_group_size,
             add_z_to_eps=self.add_z_to_eps,
-            outputs_per_channel=vocab_size if param.outputs_per_value else 1,
+            outputs_per_channel=param.outputs_per_channel(vocab_size),
         )
         return model.VDM(schedule, score_net, self.parameterization, encoder, vocab_size)
 

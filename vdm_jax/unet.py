@@ -19,7 +19,8 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
                                  (up_attn_{i} when "all")
     norm_out, conv_out           GroupNorm, Conv 3x3 (zero-initialised): channels -> C
                                  (C * outputs_per_channel: K logits per channel for the
-                                 categorical parameterisation)
+                                 categorical parameterisation, 2 for the discretised
+                                 logistic)
 
     ResBlock:  norm_0, conv_0, cond_proj, norm_1, conv_1 (zero-initialised),
                skip_proj (Dense 1x1, only when the input width differs: the up blocks)
@@ -484,7 +485,8 @@ class ScoreUNet(nn.Module):
       add_z_to_eps: return ``conv_out(...) + z`` (the reference code's output); False
         returns ``conv_out(...)``, which is zero at initialisation.
       outputs_per_channel: output channels per input channel: 1 (a prediction of eps, x or
-        v), or K (logits over the K data values, :mod:`vdm_jax.parameterizations`).
+        v), K (logits over the K data values) or 2 (a discretised logistic's location and
+        log-scale); :mod:`vdm_jax.parameterizations`.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32.
       remat: rematerialise each ResNet and attention block in the backward pass.
     """
