@@ -11,6 +11,7 @@ output distribution, and central differences for the gradient.
 import math
 
 import flax.linen as nn
+import grid
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ from vdm_jax import diffusion, experiment, model, parameterizations, samplers, s
 K, D = 6, 3
 GAMMA_0, GAMMA_1 = -13.3, 5.0
 CATEGORICAL = parameterizations.PARAMETERIZATIONS["categorical"]
-LEVELS = (2 * (np.arange(K) + 0.5) / K - 1).astype(np.float64)  # the K bin centres in (-1, 1)
+LEVELS = grid.levels(K)  # the K bin centres in (-1, 1)
 # Independent dimensions, each with its own distribution over the K values: [D, K].
 PROBS = np.random.default_rng(0).dirichlet(np.full(K, 0.7), size=D)
 
@@ -32,29 +33,11 @@ def linear(t: jax.Array) -> jax.Array:
     return GAMMA_0 + (GAMMA_1 - GAMMA_0) * t
 
 
-def _alpha_sigma(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.sqrt(1 / (1 + np.exp(gamma))), np.sqrt(1 / (1 + np.exp(-gamma)))
-
-
-def _bayes_x_hat(
-    z: np.ndarray, gamma: np.ndarray, log_prior: np.ndarray, levels: np.ndarray = LEVELS
-) -> np.ndarray:
-    """E[x_i | z] for independent dimensions by enumeration over the values ``levels`` (float64).
-
-    z [B, ...]; gamma broadcasting to z; log_prior broadcasting to [B, ..., K].
-    """
-    a, s = _alpha_sigma(np.broadcast_to(gamma, z.shape))
-    log_lik = -0.5 * ((z[..., None] - a[..., None] * levels) / s[..., None]) ** 2
-    log_post = log_lik + log_prior
-    post = np.exp(log_post - logsumexp(log_post, axis=-1, keepdims=True))
-    return (post * levels).sum(-1)
-
-
 def _draws(n: int, seed: int, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x ~ PROBS as values [n, D] and z = alpha x + sigma eps [n, D] at ``gamma``."""
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.choice(K, size=n, p=PROBS[i]) for i in range(D)], axis=-1)
-    a, s = _alpha_sigma(np.broadcast_to(gamma, (n, D)))
+    a, s = grid.alpha_sigma(np.broadcast_to(gamma, (n, D)))
     return LEVELS[idx], a * LEVELS[idx] + s * rng.normal(size=(n, D))
 
 
@@ -63,11 +46,6 @@ def _to_eps(logits: np.ndarray, z: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     flat = jnp.asarray(logits.reshape(logits.shape[0], -1), jnp.float32)
     out = CATEGORICAL.to_eps(flat, jnp.asarray(z, jnp.float32), jnp.asarray(gamma, jnp.float32), K)
     return np.asarray(out, np.float64)
-
-
-def _eps_of(x_hat: np.ndarray, z: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    a, s = _alpha_sigma(np.broadcast_to(gamma, z.shape))
-    return (z - a * x_hat) / s
 
 
 @pytest.mark.parametrize("per_dimension", [False, True])
@@ -80,12 +58,12 @@ def test_prior_logits_give_the_bayes_denoiser_of_independent_dimensions(per_dime
         gamma = gamma + np.array([0.0, -1.5, 2.0])
     _, z = _draws(n, 1, gamma)
     logits = np.broadcast_to(np.log(PROBS), (n, D, K))
-    want = _eps_of(_bayes_x_hat(z, gamma, np.log(PROBS)), z, gamma)
+    want = grid.eps_of(grid.bayes_x_hat(z, gamma, np.log(PROBS), LEVELS), z, gamma)
     gamma_in = gamma if per_dimension else gamma[:, 0]
     # x_hat enters divided by sigma (1.3e-3 at gamma_0), as in the x parameterisation.
     np.testing.assert_allclose(_to_eps(logits, z, gamma_in), want, atol=3e-4)
     # Zero logits (the zero-initialised output layer) are the uniform prior's denoiser.
-    uniform = _eps_of(_bayes_x_hat(z, gamma, np.zeros(K)), z, gamma)
+    uniform = grid.eps_of(grid.bayes_x_hat(z, gamma, np.zeros(K), LEVELS), z, gamma)
     np.testing.assert_allclose(_to_eps(0 * logits, z, gamma_in), uniform, atol=3e-4)
 
 
@@ -97,7 +75,7 @@ def test_leave_one_out_logits_give_the_joint_posterior_mean():
     joint = rng.dirichlet(np.full(K * K, 0.3)).reshape(K, K)
     n = 256
     gamma = np.linspace(-9.0, 3.0, n)[:, None]
-    a, s = _alpha_sigma(gamma)
+    a, s = grid.alpha_sigma(gamma)
     flat = rng.choice(K * K, size=n, p=joint.ravel())
     x = LEVELS[np.stack([flat // K, flat % K], axis=-1)]
     z = a * x + s * rng.normal(size=(n, 2))
@@ -113,23 +91,9 @@ def test_leave_one_out_logits_give_the_joint_posterior_mean():
         ],
         axis=1,
     )
-    np.testing.assert_allclose(_to_eps(loo, z, gamma[:, 0]), _eps_of(x_hat, z, gamma), atol=3e-4)
-
-
-def _mutual_information(gamma: float, probs: np.ndarray, nodes: int = 120) -> float:
-    """I(x; z_gamma) in nats for one dimension x ~ probs over LEVELS, by Gauss-Hermite.
-
-    I = sum_k p_k E_u[log N(z; a v_k, s^2) - log sum_j p_j N(z; a v_j, s^2)], z = a v_k + s u.
-    """
-    u, w = np.polynomial.hermite_e.hermegauss(nodes)
-    w = w / w.sum()
-    a, s = _alpha_sigma(np.asarray(gamma))
-    total = 0.0
-    for k, p_k in enumerate(probs):
-        z = a * LEVELS[k] + s * u  # [nodes]
-        log_mix = logsumexp(np.log(probs) - 0.5 * ((z[:, None] - a * LEVELS) / s) ** 2, axis=1)
-        total += p_k * float(w @ (-0.5 * u**2 - log_mix))
-    return total
+    np.testing.assert_allclose(
+        _to_eps(loo, z, gamma[:, 0]), grid.eps_of(x_hat, z, gamma), atol=3e-4
+    )
 
 
 class PriorLogits(nn.Module):
@@ -152,8 +116,8 @@ def test_mutual_information_quadrature_has_its_limits():
     # The reference below, checked at its ends: all of H(x) survives gamma_0, none gamma = 30.
     entropy = -(PROBS * np.log(PROBS)).sum(-1)
     for i in range(D):
-        assert abs(_mutual_information(GAMMA_0, PROBS[i]) - entropy[i]) < 1e-6
-        assert _mutual_information(30.0, PROBS[i]) < 1e-6
+        assert abs(grid.mutual_information(GAMMA_0, PROBS[i], LEVELS) - entropy[i]) < 1e-6
+        assert grid.mutual_information(30.0, PROBS[i], LEVELS) < 1e-6
 
 
 def test_diffusion_loss_of_the_exact_denoiser_is_the_information_the_noise_destroys():
@@ -170,7 +134,8 @@ def test_diffusion_loss_of_the_exact_denoiser_is_the_information_the_noise_destr
     )
     mean, stderr = float(loss.mean()), float(loss.std() / math.sqrt(n))
     want = sum(
-        _mutual_information(GAMMA_0, PROBS[i]) - _mutual_information(GAMMA_1, PROBS[i])
+        grid.mutual_information(GAMMA_0, PROBS[i], LEVELS)
+        - grid.mutual_information(GAMMA_1, PROBS[i], LEVELS)
         for i in range(D)
     )
     assert abs(mean - want) < 4 * stderr, (mean, stderr, want)
@@ -233,10 +198,9 @@ def test_digits_model_outputs_k_logits_per_channel_and_starts_at_the_uniform_pri
     params = vdm.init(jax.random.key(11), z, jnp.array([0.2, 0.7]))["params"]
     assert params["score_net"]["conv_out"]["kernel"].shape[-1] == 17
     eps = model.inference_fns(vdm, params)[1](z, gamma)
-    levels = 2 * (np.arange(17) + 0.5) / 17 - 1
     zz, g = np.asarray(z, np.float64), np.asarray(gamma, np.float64)[:, None, None, None]
-    uniform = _bayes_x_hat(zz, g, np.zeros(17), levels)
-    np.testing.assert_allclose(eps, _eps_of(uniform, zz, g), atol=1e-4)
+    uniform = grid.bayes_x_hat(zz, g, np.zeros(17), grid.levels(17))
+    np.testing.assert_allclose(eps, grid.eps_of(uniform, zz, g), atol=1e-4)
 
 
 def test_the_conversion_refuses_a_missing_vocabulary_or_the_wrong_width():
