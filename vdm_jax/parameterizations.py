@@ -143,15 +143,18 @@ def discretized_logistic_log_probs(
     Returns:
       [..., K] float32 log-probabilities.
     """
-    levels = diffusion.encode(jnp.arange(vocab_size), vocab_size)  # [K]
+    # The K - 1 edges between neighbouring bins, 2k / K - 1, each shared by the two bins
+    # it separates so that their probabilities meet exactly; standardised: [..., K - 1].
+    edges = 2.0 * jnp.arange(1, vocab_size) / vocab_size - 1.0
     inv_scale = jnp.exp(-log_scale)[..., None]
-    upper = (levels[:-1] + 1.0 / vocab_size - mu[..., None]) * inv_scale  # [..., K - 1]
-    lower = (levels[1:] - 1.0 / vocab_size - mu[..., None]) * inv_scale  # [..., K - 1]
-    # The inner bins' width in standard units is 2 / (K s); log(1 - exp(-width)).
+    standard = (edges - mu[..., None]) * inv_scale
+    # An inner bin's width in standard units is 2 / (K s); log(1 - exp(-width)).
     log_width = jnp.log(-jnp.expm1(-2.0 / vocab_size * inv_scale))
-    inner = jax.nn.log_sigmoid(upper[..., 1:]) + jax.nn.log_sigmoid(-lower[..., :-1]) + log_width
-    first = jax.nn.log_sigmoid(upper[..., :1])
-    last = jax.nn.log_sigmoid(-lower[..., -1:])
+    inner = (
+        jax.nn.log_sigmoid(standard[..., 1:]) + jax.nn.log_sigmoid(-standard[..., :-1]) + log_width
+    )
+    first = jax.nn.log_sigmoid(standard[..., :1])
+    last = jax.nn.log_sigmoid(-standard[..., -1:])
     return jnp.concatenate([first, inner, last], axis=-1)
 
 
