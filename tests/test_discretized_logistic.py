@@ -163,12 +163,7 @@ def test_diffusion_loss_of_the_exact_denoiser_is_the_information_the_noise_destr
     weight = jnp.full((n,), GAMMA_1 - GAMMA_0)
     loss = diffusion.diffusion_loss(jnp.asarray(x, jnp.float32), eps, linear(t), weight, eps_fn)
     mean, stderr = float(loss.mean()), float(loss.std() / math.sqrt(n))
-    probs = np.exp(PRIOR)
-    want = sum(
-        grid.mutual_information(GAMMA_0, probs[i], LEVELS)
-        - grid.mutual_information(GAMMA_1, probs[i], LEVELS)
-        for i in range(D)
-    )
+    want = grid.information_destroyed(np.exp(PRIOR), LEVELS, GAMMA_0, GAMMA_1)
     assert abs(mean - want) < 4 * stderr, (mean, stderr, want)
     assert stderr < 0.01 * want
 
@@ -203,21 +198,30 @@ def test_gradient_matches_central_differences_and_stays_finite_in_the_tails():
 
 
 @pytest.mark.slow  # Builds and compiles the whole digits U-Net.
-def test_digits_model_outputs_two_channels_and_starts_at_the_standard_logistic():
+@pytest.mark.parametrize(
+    "name, outputs, prior",
+    [
+        # Zero logits: the uniform prior over the 17 values.
+        ("categorical", 17, np.zeros(17)),
+        # Zero location and log-scale: the logistic mu = 0, s = 1.
+        ("discretized_logistic", 2, _decimal_log_probs(0.0, 0.0, 17)),
+    ],
+)
+def test_digits_model_has_its_outputs_per_pixel_and_starts_at_its_zero_output_prior(
+    name, outputs, prior
+):
     config = test_config.get_config()
-    config.model.parameterization = "discretized_logistic"
+    config.model.parameterization = name
     vdm = experiment.build(config).vdm
-    assert vdm.vocab_size == 17 and vdm.score_net.outputs_per_channel == 2
+    assert vdm.vocab_size == 17 and vdm.score_net.outputs_per_channel == outputs
     x = jax.random.randint(jax.random.key(9), (2, 8, 8, 1), 0, 17)
     gamma = jnp.array([-7.0, 1.0])
     f = diffusion.encode(x, 17)
     z = diffusion.diffuse(f, gamma, jax.random.normal(jax.random.key(10), f.shape))
     params = vdm.init(jax.random.key(11), z, jnp.array([0.2, 0.7]))["params"]
-    assert params["score_net"]["conv_out"]["kernel"].shape[-1] == 2
+    assert params["score_net"]["conv_out"]["kernel"].shape[-1] == outputs
     eps = model.inference_fns(vdm, params)[1](z, gamma)
-    # The zero-initialised output is mu = 0, s = 1.
     zz, g = np.asarray(z, np.float64), np.asarray(gamma, np.float64)[:, None, None, None]
-    prior = _decimal_log_probs(0.0, 0.0, 17)
     want = grid.eps_of(grid.bayes_x_hat(zz, g, prior, grid.levels(17)), zz, g)
     np.testing.assert_allclose(eps, want, atol=1e-4)
 
