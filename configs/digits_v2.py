@@ -1,4 +1,4 @@
-"""The second digits default (eps prediction): ``configs/digits.py`` starts from it.
+"""The second digits default (eps prediction): ``configs/digits_v3.py`` starts from it.
 
 Launch (as ``make digits`` does, with this config)::
 
@@ -9,7 +9,7 @@ Launch (as ``make digits`` does, with this config)::
 Expect 1.78 +- 0.02 test bpd on the 297 held-out digits from its own evaluation (measured
 from a fresh clone: 1.7787, standard error 0.0162 of which 0.0108 is Monte Carlo error, seed
 0). At 16 times per image that evaluation reads low: the same model reads 1.811 +- 0.012 at
-256 times per image, the evaluation ``configs/digits.py`` approaches with its 128. On 2 CPU cores
+256 times per image, the evaluation ``configs/digits_v3.py`` approaches with its 128. On 2 CPU cores
 (two simulated devices, as ``make digits`` runs) training 4,500 steps took 6.2-6.5 min. The
 README's digits ablation says what the settings were chosen from; ``configs/digits_v1.py``
 is the first default.

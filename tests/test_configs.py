@@ -22,6 +22,7 @@ CONFIGS = (
     "digits",
     "digits_v1",
     "digits_v2",
+    "digits_v3",
     "test",
 )
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.
