@@ -15,9 +15,10 @@ Expect 1.70 +- 0.014 test bpd on the 297 held-out digits (measured with ``make d
 1.7003, standard error 0.0138 of which 0.0039 is Monte Carlo error at 128 times per image,
 seed 0; on one device at 256 times per image 1.704 and 1.701, seeds 0 and 1). For scale,
 on the same split: an independent per-pixel categorical model scores 2.36, a small PixelCNN
-1.75, a mixture of three PixelCNNs 1.72. On 2 CPU cores ``make digits`` took 8 min 45 s
-with the environment already set up, 57 s more than ``configs/digits_v3.py`` (training
-3,000 steps of 64 digits at about 7 steps/s: 7 min with compilation and checkpoints).
+1.75, a mixture of three PixelCNNs 1.72. On 2 CPU cores ``make digits`` took 7 min 51 s
+from a fresh clone with the environment set up (training 3,000 steps of 64 digits at about
+8 steps/s, 6.5 min), about 9 min with the environment's set-up; ``configs/digits_v3.py``
+took 7 min 48 s the same way. Another run on the same host took 8 min 45 s.
 The README's digits ablation says what the settings were chosen from;
 ``configs/digits_v3.py`` is the previous default (free categorical logits, batches of 32:
 1.73), ``configs/digits_v2.py`` the one before (eps prediction: 1.81 at 256 times per
@@ -34,7 +35,7 @@ from configs import digits_v3
 def get_config() -> ml_collections.ConfigDict:
     """The third default (a 4-block, 32-channel U-Net, adaptive training times) with each
     pixel's 17 logits drawn from a discretised logistic, and batches of 64 digits for 3,000
-    steps instead of 32 for 4,500 (on two simulated devices, about a minute more in all).
+    steps instead of 32 for 4,500 (on two simulated devices, about the same time).
 
     The network outputs a location and a log-scale per pixel instead of 17 free logits: the
     prior over the values it then learns is unimodal and ordered, so neighbouring values share
