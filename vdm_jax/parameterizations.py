@@ -40,7 +40,6 @@ given ``eps_hat`` is the same whichever output produced it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -109,7 +108,7 @@ def _eps_from_logits(
             f"the categorical parameterization needs vocab_size K >= 2 (got {vocab_size}) and "
             f"C K output channels for z's C = {z.shape[-1]} (got {logits.shape[-1]})"
         )
-    return _categorical_head(logits.reshape((*z.shape, vocab_size)), z, gamma, vocab_size)
+    return _eps_from_grid_logits(logits.reshape((*z.shape, vocab_size)), z, gamma, vocab_size)
 
 
 def _eps_from_grid_logits(
@@ -123,12 +122,6 @@ def _eps_from_grid_logits(
     levels = diffusion.encode(jnp.arange(vocab_size), vocab_size)
     x_hat = jnp.sum(jax.nn.softmax(logits, axis=-1) * levels, axis=-1)
     return _eps_from_x(x_hat, z, gamma)
-
-
-# The heads on the grid keep only their inputs for the backward pass and recompute their
-# [B, ..., C, K] intermediates (a few elementwise passes), which would otherwise be saved
-# per value: K = 256 floats per subpixel each, on 8-bit images.
-_categorical_head = jax.checkpoint(_eps_from_grid_logits, static_argnums=(3,))
 
 
 def discretized_logistic_log_probs(
@@ -175,12 +168,7 @@ def _eps_from_logistic(
             f"{vocab_size}) and 2 C output channels for z's C = {z.shape[-1]} (got "
             f"{out.shape[-1]})"
         )
-    return _logistic_head(out.reshape((*z.shape, 2)), z, gamma, vocab_size)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(3,))
-def _logistic_head(out: jax.Array, z: jax.Array, gamma: jax.Array, vocab_size: int) -> jax.Array:
-    """(``mu``, ``log s``) [B, ..., C, 2] -> eps_hat, recomputed in the backward pass."""
+    out = out.reshape((*z.shape, 2))
     log_probs = discretized_logistic_log_probs(out[..., 0], out[..., 1], vocab_size)
     return _eps_from_grid_logits(log_probs, z, gamma, vocab_size)
 
