@@ -12,13 +12,15 @@ batch's halves on two cores at once (at batches of 32, 1.34x the steps/s of one 
 both cores).
 
 Expect 1.70 +- 0.014 test bpd on the 297 held-out digits (measured with ``make digits`` from
-a fresh clone: 1.7036, standard error 0.0140 of which 0.0039 is Monte Carlo error at 128 times
-per image, seed 0; other runs of the same setting read 1.7003, and on one device at 256 times
-per image 1.704 and 1.701, seeds 0 and 1). For scale, on the same split: an independent
-per-pixel categorical model scores 2.36, a small PixelCNN 1.75, a mixture of three PixelCNNs
-1.72. On 2 CPU cores ``make digits`` took 8 min 3 s from a fresh clone with the environment
-set up (training 3,000 steps of 64 digits at about 8 steps/s, 6.5 min), about 9 min with the
-environment's set-up; ``configs/digits_v3.py`` took 7 min 48 s the same way.
+a fresh clone: 1.7036, standard error 0.0140 of which 0.0039 is Monte Carlo error at 128
+times per image, seed 0; other runs of the same setting read 1.7003, and on one device at
+256 times per image 1.704 and 1.701, seeds 0 and 1; on a faster host ``make digits`` printed
+1.6990 +- 0.0139 in 6 min 14 s in all, and seeds 1 and 2 read 1.7035 and 1.7017). For scale,
+on the same split: an independent per-pixel categorical model scores 2.36, a small PixelCNN
+1.75, a mixture of three PixelCNNs 1.72. On 2 CPU cores ``make digits`` took 8 min 3 s from
+a fresh clone with the environment set up (training 3,000 steps of 64 digits at about 8
+steps/s, 6.5 min), about 9 min with the environment's set-up; ``configs/digits_v3.py`` took
+7 min 48 s the same way.
 The README's digits ablation says what the settings were chosen from;
 ``configs/digits_v3.py`` is the previous default (free categorical logits, batches of 32:
 1.73), ``configs/digits_v2.py`` the one before (eps prediction: 1.81 at 256 times per
