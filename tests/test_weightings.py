@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gaussian import exact_eps_fn
-from test_model import DIMS, K, _denoiser, _grads, _setup
+from test_model import DIMS, K, _denoiser, _grads, _setup, assert_grads_close
 
 from vdm_jax import diffusion, schedules, weightings
 from vdm_jax import model as vdm_model
@@ -96,20 +96,9 @@ def test_weighted_gradients_equal_direct_autodiff():
         terms["diffusion_weighted"], want_w * want_terms["diffusion"], rtol=1e-5
     )
     want_net = jax.grad(objective, argnums=1)(s_params, d_params)
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
-    jax.tree.map(close, g_net, want_net)
+    assert_grads_close(g_net, want_net)
     jax.tree.map(np.testing.assert_array_equal, g_net, g_net_v)
-    # The schedule's gradients share float32 sums with log_gamma_range's (about 40), which
-    # round at about 40 x 6e-8 absolute: the scalar "linear" leaf (0.02) differed by 3e-6
-    # between the two paths on one host (1e-10 with float64), so the tolerance scales with
-    # the largest gradient rather than with each leaf.
-    want_sched = jax.grad(elbo)(s_params)
-    scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(want_sched))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale),
-        g_sched,
-        want_sched,
-    )
+    assert_grads_close(g_sched, jax.grad(elbo)(s_params))
     want_var = jax.grad(second_moment)(s_params)
     for name in s_params:
         if name in schedules.ENDPOINT_PARAMS:
