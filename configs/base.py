@@ -104,6 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
     # True: training times from q(t) ~ the RMS of the diffusion integrand, tracked over
     # training (VDM++'s adaptive importance distribution; continuous time only).
     config.model.adaptive_time = False
+    # M > 1: M score networks, initialised and trained independently (each on its own times
+    # and noise, the same batches) under one shared schedule; evaluation and sampling use
+    # the mean of their eps_hat (vdm_jax/ensemble.py). On a mesh whose "data" axis divides
+    # M, each device trains its own members on the whole batch.
+    config.model.ensemble_size = 1
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4

@@ -91,6 +91,11 @@ def main(argv: list[str]) -> None:
             "only scalar schedules: the comparison is with the linear schedule of the same "
             f"endpoints, and config.model.schedule={exp.model.schedule!r} is per dimension"
         )
+    if exp.vdm.ensemble_size > 1:
+        raise app.UsageError(
+            "only one score network: the gradients compared are one denoiser's, and "
+            f"config.model.ensemble_size={exp.vdm.ensemble_size}"
+        )
     params, step = checkpoint.restore_eval_params(exp, _WORKDIR.value)
     images, _ = data.read_split(
         exp.info.name, "train", exp.data.data_dir, count=exp.training.batch_size

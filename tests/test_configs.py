@@ -148,6 +148,19 @@ def test_command_line_overrides():
         ({"sharding.fsdp": 3}, r"config\.sharding\.fsdp=3 must divide the 8 devices .*1, 2, 4, 8"),
         ({"sharding.fsdp": 0}, r"config\.sharding\.fsdp=0 must divide"),
         ({"sharding.min_shard_bytes": -1}, r"config\.sharding\.min_shard_bytes=-1"),
+        ({"model.ensemble_size": 0}, r"config\.model\.ensemble_size=0 .*integer >= 1"),
+        (
+            {"model.ensemble_size": 2, "sharding.fsdp": 2},
+            r"config\.sharding\.fsdp=2: an ensemble .* keeps each member whole",
+        ),
+        (
+            {"model.ensemble_size": 2, "optimizer.grad_clip_norm": 1.0},
+            r"config\.optimizer\.grad_clip_norm=1\.0: a global norm .* couple",
+        ),
+        (
+            {"model.ensemble_size": 2, "eval.reference_checkpoint": "/ckpt"},
+            r"config\.eval\.reference_checkpoint='/ckpt' holds one score network",
+        ),
     ],
 )
 def test_bad_values_are_named(overrides, message):

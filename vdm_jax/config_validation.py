@@ -214,6 +214,31 @@ def validate(
     _range(problems, config, "sharding.min_shard_bytes", lambda v: isinstance(v, int) and v >= 0,
            "an integer >= 0")  # fmt: skip
 
+    # An ensemble's members train independently and side by side.
+    members = config.model.ensemble_size
+    _range(problems, config, "model.ensemble_size", lambda v: isinstance(v, int) and v >= 1,
+           "an integer >= 1 (1: one score network)")  # fmt: skip
+    if isinstance(members, int) and members > 1:
+        _check(
+            problems,
+            fsdp == 1,
+            f"config.sharding.fsdp={fsdp!r}: an ensemble (config.model.ensemble_size={members}) "
+            "keeps each member whole on its devices (allowed: 1)",
+        )
+        _check(
+            problems,
+            config.optimizer.grad_clip_norm == 0,
+            f"config.optimizer.grad_clip_norm={config.optimizer.grad_clip_norm!r}: a global "
+            f"norm over an ensemble (config.model.ensemble_size={members}) would couple its "
+            "members' updates (allowed: 0)",
+        )
+        _check(
+            problems,
+            not config.eval.reference_checkpoint,
+            f"config.eval.reference_checkpoint={config.eval.reference_checkpoint!r} holds one "
+            f"score network, not config.model.ensemble_size={members} (allowed: '')",
+        )
+
     # Step counts and intervals.
     for field in (
         "training.num_steps",

@@ -101,6 +101,10 @@ class VDM(nn.Module):
         schedule's auxiliary latent (params ``encoder``).
       vocab_size: K, the number of values each data dimension takes: read by the
         ``categorical`` parameterisation (whose network outputs K logits per channel).
+      ensemble_size: M, the number of independent score networks. The module itself holds
+        one; with M > 1 the stored ``score_net`` parameters stack M of them on a leading
+        axis (:func:`init_params`), :func:`inference_fns` averages their eps_hat and
+        :mod:`vdm_jax.ensemble` trains each on its own loss.
     """
 
     schedule: nn.Module
@@ -108,6 +112,7 @@ class VDM(nn.Module):
     parameterization: str = "eps"
     encoder: nn.Module | None = None
     vocab_size: int = 0
+    ensemble_size: int = 1
 
     def gamma(self, t: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """gamma(t) (given the context ``c`` [B, L] for an input-adaptive schedule)."""
@@ -141,6 +146,30 @@ class VDM(nn.Module):
         """eps_hat(z_t; gamma(t)): used to initialise every part."""
         context = None if self.encoder is None else self.posterior(z)[0]
         return self.eps(z, self.gamma(t, context), label, context, train=train)
+
+
+def init_params(model: VDM, key: jax.Array, *inputs: jax.Array | None) -> Params:
+    """The model's parameters, initialised from ``key`` with example ``inputs``
+    (``(z [b, ...], t [b], label [b] | None)``).
+
+    With ``model.ensemble_size`` M > 1, member m is initialised from the m-th of
+    ``jax.random.split(key, M)``, and the ``score_net`` leaves stack the members on a
+    leading [M] axis; the schedule (and encoder) are member 0's. With M = 1, the parameters
+    are those of ``model.init`` from ``key``.
+    """
+    if model.ensemble_size == 1:
+        return model.init({"params": key}, *inputs)["params"]
+    members = [
+        model.init({"params": k}, *inputs)["params"]
+        for k in jax.random.split(key, model.ensemble_size)
+    ]
+    nets = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(m["score_net"] for m in members))
+    return {**members[0], "score_net": nets}
+
+
+def member_params(params: Params, member: int) -> Params:
+    """Member ``member``'s parameters, as a one-network model's, from an ensemble's."""
+    return {**params, "score_net": jax.tree.map(lambda x: x[member], params["score_net"])}
 
 
 def _merge_schedule_grads(
@@ -381,6 +410,9 @@ def inference_fns(
     Returns:
       ``gamma_fn(t) -> gamma_t`` (elementwise, or per dimension) and ``eps_fn(z_t [B, ...],
       gamma_t) -> eps_hat [B, ...]``, conditioned on ``label`` [B] and ``context`` when given.
+      For an ensemble, ``eps_fn`` is the mean of the members' eps_hat (equally, since
+      eps_hat is affine in x_hat, of their x_hat): a denoiser like any other, so every bound
+      and sampler applies to it as it is.
     """
     if (model.encoder is None) != (context is None):
         raise ValueError("an input-adaptive model needs a context, and only it takes one")
@@ -388,10 +420,16 @@ def inference_fns(
     def gamma_fn(t: jax.Array) -> jax.Array:
         return model.apply({"params": params}, t, context, method=VDM.gamma)
 
+    def member_eps(p: Params, z: jax.Array, gamma_t: jax.Array) -> jax.Array:
+        return model.apply({"params": p}, z, gamma_t, label, context, train=False, method=VDM.eps)
+
     def eps_fn(z: jax.Array, gamma_t: jax.Array) -> jax.Array:
-        return model.apply(
-            {"params": params}, z, gamma_t, label, context, train=False, method=VDM.eps
-        )
+        if model.ensemble_size == 1:
+            return member_eps(params, z, gamma_t)
+        # A loop, not a vmap: a vmap over the members' weights makes each convolution a
+        # grouped one, several times slower on CPU.
+        members = range(model.ensemble_size)
+        return sum(member_eps(member_params(params, m), z, gamma_t) for m in members) / len(members)
 
     return gamma_fn, eps_fn
 

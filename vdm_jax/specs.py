@@ -82,6 +82,7 @@ class ModelSpec:
     schedule_per: str = added("dimension")
     latent_dim: int = added(0)
     latent_channels: int = added(32)
+    ensemble_size: int = added(1)
 
     def build(
         self, num_classes: int, image_shape: tuple[int, ...] | None = None, vocab_size: int = 0
@@ -127,7 +128,9 @@ class ModelSpec:
             add_z_to_eps=self.add_z_to_eps,
             outputs_per_channel=param.outputs_per_channel(vocab_size),
         )
-        return model.VDM(schedule, score_net, self.parameterization, encoder, vocab_size)
+        return model.VDM(
+            schedule, score_net, self.parameterization, encoder, vocab_size, self.ensemble_size
+        )
 
 
 @dataclasses.dataclass(frozen=True)

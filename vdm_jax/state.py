@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import sharding
+from vdm_jax import model, sharding
 from vdm_jax.experiment import Experiment
 from vdm_jax.specs import OptimizerSpec
 
@@ -31,7 +31,8 @@ class TrainState:
 
     Attributes:
       step: [] int32, number of updates applied.
-      params: ``{"schedule": ..., "score_net": ...}``.
+      params: ``{"schedule": ..., "score_net": ...}`` (an ensemble's ``score_net`` leaves
+        stack its members on a leading axis).
       ema_params: exponential moving average of ``params`` (used to evaluate and sample).
       opt_state: the optimizer's state.
       rng: [2] uint32 raw PRNG key; step ``s`` draws from ``fold_in(rng, s)``.
@@ -116,7 +117,7 @@ def _init_fn(exp: Experiment) -> Callable[[jax.Array], TrainState]:
 
     def init(rng: jax.Array) -> TrainState:
         init_key, train_key = jax.random.split(rng)
-        params = exp.vdm.init({"params": init_key}, *dummy_inputs(exp))["params"]
+        params = model.init_params(exp.vdm, init_key, *dummy_inputs(exp))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -24,11 +24,13 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
+from jax.sharding import Mesh
 
 from vdm_jax import (
     checkpoint,
     data,
     elbo_estimators,
+    ensemble,
     eval_methods,
     evaluate,
     metrics,
@@ -72,6 +74,7 @@ def train_step(
     loss_cfg: model.LossConfig,
     ema_rate: float,
     layout: sharding.ParamLayout,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One AdamW update and EMA update; a non-finite loss or gradient leaves the state as is.
 
@@ -85,6 +88,8 @@ def train_step(
       ema_rate: the EMA decay.
       layout: the parameters' layout: the step computes with them gathered and keeps their
         gradients (and so the update) in the stored layout.
+      mesh: the mesh the step is jitted over: an ensemble's members may be split over it
+        (:func:`vdm_jax.ensemble.loss_and_grads`).
 
     Returns:
       ``(new_state, metrics)``; metrics are scalars: ``bpd`` and each term (``bpd_prior``,
@@ -97,8 +102,8 @@ def train_step(
     params = layout.gather(train_state.params)
     moments = train_state.time_moments
     proposal = None if moments is None else elbo_estimators.proposal_from_moments(moments)
-    (loss, terms), grads = model.vdm_loss_and_grads(
-        vdm, params, batch, key, loss_cfg, proposal=proposal
+    (loss, terms), grads = ensemble.loss_and_grads(
+        vdm, params, batch, key, loss_cfg, proposal=proposal, mesh=mesh
     )
     grads = layout.shard(grads)
     grad_norm = optax.global_norm(grads)
@@ -166,6 +171,7 @@ def make_train_step(exp: Experiment) -> TrainStepFn:
         loss_cfg=exp.loss,
         ema_rate=exp.optimizer.ema_rate,
         layout=sharding.ParamLayout.of(state_shardings.params),
+        mesh=exp.mesh,
     )
     return jax.jit(
         step,

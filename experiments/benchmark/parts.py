@@ -113,8 +113,10 @@ def abstract_batch(exp: Experiment, batch_size: int) -> dict[str, jax.ShapeDtype
 
 
 def forward_flops(exp: Experiment, batch_size: int) -> int:
-    """Conv and matmul FLOPs of one forward pass of the score network on the batch."""
-    return flops.unet_forward_flops(exp.vdm.score_net, batch_size, exp.info.shape)
+    """Conv and matmul FLOPs of one forward pass of the score network (of every member of an
+    ensemble) on the batch."""
+    one = flops.unet_forward_flops(exp.vdm.score_net, batch_size, exp.info.shape)
+    return exp.vdm.ensemble_size * one
 
 
 def conv_stack_step(mesh: Mesh, dtype: Any) -> Any:
@@ -150,7 +152,7 @@ def conv_stack_depth(exp: Experiment, batch_size: int, requested: int) -> int:
     if requested > 0:
         return requested
     layers = flops.equivalent_conv_layers(exp.vdm.score_net, batch_size, exp.info.shape)
-    return max(1, round(layers))
+    return max(1, round(exp.vdm.ensemble_size * layers))
 
 
 def _prepare(
