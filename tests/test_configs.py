@@ -23,6 +23,7 @@ CONFIGS = (
     "digits_v1",
     "digits_v2",
     "digits_v3",
+    "digits_ensemble",
     "test",
 )
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.
