@@ -11,9 +11,12 @@ from test_model import assert_grads_close
 
 from vdm_jax import data, elbo_estimators, ensemble, experiment, model, state, train
 
+# An input-adaptive schedule (MuLAN): the members share its encoder as well.
+ADAPTIVE = {"model.schedule": "per_dim_polynomial", "model.latent_dim": 4}
 
-def _experiment(members: int, devices: int = 1) -> experiment.Experiment:
-    config = tiny_config(**{"model.ensemble_size": members})
+
+def _experiment(members: int, devices: int = 1, **overrides) -> experiment.Experiment:
+    config = tiny_config(**{"model.ensemble_size": members, **overrides})
     return experiment.build(config, jax.devices()[:devices])
 
 
@@ -43,10 +46,12 @@ def test_members_are_independent_initialisations_under_one_schedule():
     assert not np.allclose(kernels[0], kernels[1]) and not np.allclose(kernels[1], kernels[2])
 
 
-def test_each_member_trains_on_its_own_loss():
+@pytest.mark.parametrize("overrides", [{}, ADAPTIVE], ids=["scalar", "adaptive"])
+def test_each_member_trains_on_its_own_loss(overrides):
     """The ensemble's loss and gradients are those of its members computed alone: member m
-    with key fold_in(key, m), its gradient kept apart, the shared schedule's averaged."""
-    ens, single = _experiment(2), _experiment(1)
+    with key fold_in(key, m), its gradient kept apart, the shared schedule's (and an
+    input-adaptive schedule's encoder's) averaged."""
+    ens, single = _experiment(2, **overrides), _experiment(1, **overrides)
     params, batch, key = _init(ens), _batch(ens), jax.random.key(3)
     proposal = elbo_estimators.proposal_from_moments(
         jnp.linspace(0.5, 2.0, state.TIME_BINS)
@@ -72,8 +77,11 @@ def test_each_member_trains_on_its_own_loss():
     for m in range(2):
         member_grads = jax.tree.map(lambda g, m=m: g[m], grads["score_net"])
         assert_grads_close(member_grads, alone[m][1]["score_net"])
-    mean_schedule = jax.tree.map(lambda *g: np.mean(g, axis=0), *(a[1]["schedule"] for a in alone))
-    assert_grads_close(grads["schedule"], mean_schedule)
+    shared = sorted(k for k in grads if k != "score_net")
+    assert shared == (["encoder", "schedule"] if overrides else ["schedule"])
+    for name in shared:
+        mean = jax.tree.map(lambda *g: np.mean(g, axis=0), *(a[1][name] for a in alone))
+        assert_grads_close(grads[name], mean)
     # The members' losses differ (their own networks, times and noise): not one loss twice.
     assert abs(float(alone[0][0][0] - alone[1][0][0])) > 1e-4
 
