@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 from runner_helpers import eval_run, sample_run, tiny_config, train_run
 from test_model import assert_grads_close
 
-from vdm_jax import data, elbo_estimators, ensemble, experiment, model, state, train
+from vdm_jax import data, elbo_estimators, ensemble, experiment, model, sharding, state, train
 
 # An input-adaptive schedule (MuLAN): the members share its encoder as well.
 ADAPTIVE = {"model.schedule": "per_dim_polynomial", "model.latent_dim": 4}
@@ -166,3 +167,30 @@ def test_an_ensemble_trains_evaluates_and_samples(tmp_path):
     _, metrics = step(final, train.train_inputs(exp, next(data.train_iterator(
         "digits", global_batch_size=16, seed=1, prefetch=0))))  # fmt: skip
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["bpd"]))
+
+
+def test_split_members_keep_their_own_state_and_step_as_on_one_device():
+    """With the members split over two devices, each keeps its members' networks, EMA and
+    Adam moments (half the state per device), and a train step there equals the step on one
+    device: the same loss, and the same first moments (the gradients, scaled)."""
+    one, two = _experiment(2, devices=1), _experiment(2, devices=2)
+    layout = state.state_shardings(two)
+    for tree in (layout.params, layout.ema_params, layout.opt_state):
+        for path, leaf_sharding in jax.tree_util.tree_leaves_with_path(tree):
+            in_a_network = any(getattr(k, "key", None) == "score_net" for k in path)
+            expected = PartitionSpec("data") if in_a_network else PartitionSpec()
+            assert leaf_sharding.spec == expected, path
+    per_device = sharding.bytes_per_device(state.abstract_train_state(two))
+    assert per_device < 0.6 * state.num_bytes(state.abstract_train_state(one))
+
+    raw = next(data.train_iterator("digits", global_batch_size=16, seed=0, prefetch=0))
+    stepped = []
+    for exp in (one, two):
+        new_state, metrics = train.make_train_step(exp)(
+            state.create_train_state(exp), train.train_inputs(exp, raw)
+        )
+        stepped.append(jax.device_get((new_state, metrics)))
+    (state_one, metrics_one), (state_two, metrics_two) = stepped
+    np.testing.assert_allclose(metrics_two["bpd"], metrics_one["bpd"], rtol=1e-6)
+    assert_grads_close(state_two.opt_state, state_one.opt_state)
+    assert_grads_close(state_two.time_moments, state_one.time_moments)

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from vdm_jax import model, sharding
+from vdm_jax import ensemble, model, sharding
 from vdm_jax.experiment import Experiment
 from vdm_jax.specs import OptimizerSpec
 
@@ -142,11 +143,25 @@ def state_shapes(exp: Experiment) -> TrainState:
 def state_shardings(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
     """The state's layout over the mesh: each leaf's ``NamedSharding`` (``sharding.fsdp``:
     large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.sharding.state_shardings`).
+    An ensemble whose members are split over the ``"data"`` axis
+    (:func:`vdm_jax.ensemble.member_parallel`) keeps its networks' leaves split there too.
 
     ``shapes``: :func:`state_shapes`, if already traced.
     """
     shapes = state_shapes(exp) if shapes is None else shapes
-    return sharding.state_shardings(shapes, exp.mesh, exp.sharding.min_shard_bytes)
+    layout = sharding.state_shardings(shapes, exp.mesh, exp.sharding.min_shard_bytes)
+    if not ensemble.member_parallel(exp.mesh, exp.vdm.ensemble_size):
+        return layout
+    # An ensemble whose members are split over the devices: each device keeps its members'
+    # networks, their EMA and Adam moments (every leaf under "score_net", member-major).
+    members = NamedSharding(exp.mesh, PartitionSpec(sharding.DATA_AXIS))
+
+    def place(path: Any, leaf_sharding: NamedSharding) -> NamedSharding:
+        return (
+            members if any(getattr(k, "key", None) == "score_net" for k in path) else leaf_sharding
+        )
+
+    return jax.tree_util.tree_map_with_path(place, layout)
 
 
 def param_layout(exp: Experiment) -> sharding.ParamLayout:
