@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from vdm_jax import elbo_estimators, model
+from vdm_jax import elbo_estimators, model, sharding
 
 Params = model.Params
 
@@ -38,7 +38,7 @@ def member_parallel(mesh: Mesh | None, ensemble_size: int) -> bool:
     """Whether the members are split over ``mesh``'s ``"data"`` axis (it divides M and is > 1)."""
     if mesh is None or ensemble_size == 1:
         return False
-    devices = mesh.shape["data"]
+    devices = mesh.shape[sharding.DATA_AXIS]
     return devices > 1 and ensemble_size % devices == 0
 
 
@@ -98,8 +98,8 @@ def loss_and_grads(
         local = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(P("data"), P("data"), P(), P(), P(), P()),
-            out_specs=P("data"),
+            in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS), P(), P(), P(), P()),
+            out_specs=P(sharding.DATA_AXIS),
             check_vma=False,
         )
     (losses, terms), grads = local(
