@@ -47,7 +47,9 @@ def test_members_are_independent_initialisations_under_one_schedule():
     assert not np.allclose(kernels[0], kernels[1]) and not np.allclose(kernels[1], kernels[2])
 
 
-@pytest.mark.parametrize("overrides", [{}, ADAPTIVE], ids=["scalar", "adaptive"])
+@pytest.mark.parametrize(
+    "overrides", [{}, pytest.param(ADAPTIVE, marks=pytest.mark.slow)], ids=["scalar", "adaptive"]
+)
 def test_each_member_trains_on_its_own_loss(overrides):
     """The ensemble's loss and gradients are those of its members computed alone: member m
     with key fold_in(key, m), its gradient kept apart, the shared schedule's (and an
@@ -87,7 +89,8 @@ def test_each_member_trains_on_its_own_loss(overrides):
     assert abs(float(alone[0][0][0] - alone[1][0][0])) > 1e-4
 
 
-@pytest.mark.parametrize("members", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # The fast tier steps split members in the train-step test below.
+@pytest.mark.parametrize("members", [2, 4])
 def test_members_split_over_devices_match_the_loop(members):
     """On a 2-device mesh each device trains its own members on the whole batch
     (shard_map); the gradients are those of computing every member everywhere."""
