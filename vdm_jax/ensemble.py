@@ -79,11 +79,10 @@ def loss_and_grads(
         """The members whose networks are ``nets`` (stacked) and indices ``indices``."""
         outputs = []
         for j in range(indices.shape[0]):
-            net = jax.tree.map(lambda x, j=j: x[j], nets)
             outputs.append(
                 model.vdm_loss_and_grads(
                     vdm,
-                    {**shared, "score_net": net},
+                    model.member_params({**shared, "score_net": nets}, j),
                     batch,
                     jax.random.fold_in(key, indices[j]),
                     cfg,

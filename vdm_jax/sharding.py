@@ -116,8 +116,9 @@ class ParamLayout:
 
     Attributes:
       stored: the parameters' shardings (a pytree of ``NamedSharding`` s): as the state
-        holds them, split over ``"fsdp"`` or replicated.
-      gathered: the same tree, every leaf replicated.
+        holds them, split over ``"fsdp"`` or replicated (an ensemble's members may be split
+        over ``"data"``).
+      gathered: the same tree with no leaf split over ``"fsdp"``.
     """
 
     stored: Any
@@ -126,10 +127,16 @@ class ParamLayout:
     @classmethod
     def of(cls, stored: Any) -> ParamLayout:
         """The layout of parameters stored with the shardings ``stored``."""
-        return cls(stored, jax.tree.map(lambda s: replicated(s.mesh), stored))
+
+        def unsplit(s: NamedSharding) -> NamedSharding:
+            spec = [None if axis == FSDP_AXIS else axis for axis in s.spec]
+            return NamedSharding(s.mesh, PartitionSpec(*spec))
+
+        return cls(stored, jax.tree.map(unsplit, stored))
 
     def gather(self, params: Any) -> Any:
-        """``params`` whole on every device (all-gathers; a no-op when replicated). Inside jit."""
+        """``params`` whole on every device, but for an ensemble's members split over
+        ``"data"`` (all-gathers over ``"fsdp"``; a no-op when nothing is). Inside jit."""
         return jax.lax.with_sharding_constraint(params, self.gathered)
 
     def shard(self, tree: Any) -> Any:

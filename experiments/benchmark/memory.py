@@ -112,8 +112,8 @@ def residual_estimate(
       activation_bytes: :func:`saved_activation_bytes` of the global batch.
     """
     laid_out = state.abstract_train_state(exp, shapes)
-    gathered = [
-        p for p in jax.tree.leaves(laid_out.params) if p.sharding.shard_shape(p.shape) != p.shape
+    gathered = [  # Split over "fsdp" (an ensemble's members split over "data" stay split).
+        p for p in jax.tree.leaves(laid_out.params) if sharding.FSDP_AXIS in p.sharding.spec
     ]
     return ResidualEstimate(
         train_state_bytes=sharding.bytes_per_device(laid_out),
