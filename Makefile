@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/digits
-# `make digits` runs on two simulated CPU devices: XLA then steps the two halves of each batch
-# on two cores at once (1.34x the steps/s of one device using both cores, measured at batches
-# of 32). Only the host (CPU) platform reads the flag; on a GPU or TPU host the run uses the
-# accelerator.
+# `make digits` runs on two simulated CPU devices: the default's two networks
+# (model.ensemble_size=2) then train one per device, on two cores at once; one network's
+# batch steps in halves there (1.34x the steps/s of one device using both cores, measured at
+# batches of 32). Only the host (CPU) platform reads the flag; on a GPU or TPU host the run
+# uses the accelerator.
 # `make digits DIGITS_XLA_FLAGS=` runs on one device.
 DIGITS_XLA_FLAGS ?= --xla_force_host_platform_device_count=2
 DIGITS := XLA_FLAGS="$(XLA_FLAGS) $(DIGITS_XLA_FLAGS)" $(BIN)/python -m experiments.main \

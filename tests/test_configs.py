@@ -23,6 +23,7 @@ CONFIGS = (
     "digits_v1",
     "digits_v2",
     "digits_v3",
+    "digits_v4",
     "digits_ensemble",
     "test",
 )
