@@ -13,9 +13,10 @@ one of the two members on the whole batch on its own core.
 Expect 1.69 +- 0.014 test bpd on the 297 held-out digits: two of the fourth default's U-Nets
 (``configs/digits_v4.py``), each from its own initialisation and trained on its own times and
 noise, on batches of 48 digits for 3,000 steps, averaged in eps_hat (``model.ensemble_size``).
-Measured in a run of this setting: 1.6945, standard error 0.0135 of which 0.0039 is Monte
-Carlo error at 128 times per image, in 7 min 51 s for the three modes on 2 CPU cores
-(training 6 min 41 s at about 7.5 steps/s), about 8.5 min with the environment's set-up.
+Measured with ``make digits`` from a fresh clone: 1.6945, standard error 0.0135 of which
+0.0039 is Monte Carlo error at 128 times per image, in 8 min 39 s in all on 2 CPU cores, the
+environment's set-up included (training 6.5 min at about 8 steps/s); a run of the same
+setting before it read the same figure.
 One network (``configs/digits_v4.py``) read 1.699 to 1.706 in 5 min 43 s in all on the same
 host; two at batches of 64 (``configs/digits_ensemble.py``) read 1.6913 in about 11 min. For
 scale, on the same split: an independent per-pixel categorical model scores 2.36, a small
