@@ -1,4 +1,4 @@
-"""The third digits default (categorical output): ``configs/digits.py`` starts from it.
+"""The third digits default (categorical output): ``configs/digits_v4.py`` starts from it.
 
 Launch (as ``make digits`` does, with this config)::
 
