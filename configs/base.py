@@ -2,18 +2,18 @@
 
 Derived configs (``cifar10.py``, ``digits.py``, ...) import :func:`get_config` and change a
 few fields. Any field can be overridden on the command line, e.g.
-``--config.training.batch_size=64``; :func:`vdm_jax.config_validation.validate` checks every
+``--config.training.batch_size=64``; :func:`vdm_jax.runner.config_validation.validate` checks every
 value before a run starts.
 
 Fields:
   seed: one seed for initialisation, training randomness, data order, eval and sampling.
-  data.name: a dataset of :data:`vdm_jax.data.DATASETS`.
+  data.name: a dataset of :data:`vdm_jax.runner.data.DATASETS`.
   data.vocab_size: K, checked against the dataset (the bpd depends on it).
   data.data_dir: TFDS data directory (None: TFDS's default).
   data.augment: random dihedral (D4) augmentation of training images.
   model.*: the noise schedule (a :data:`vdm_jax.schedules.SCHEDULES` entry), the loss and
     the score U-Net (see :mod:`vdm_jax.unet`). ``conditioning`` is a
-    :data:`vdm_jax.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
+    :data:`vdm_jax.runner.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
     identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
     entry) is what the network predicts: "eps", "x", "v", "categorical" (logits over the
@@ -29,14 +29,14 @@ Fields:
     optional global-norm clipping (0 disables), EMA.
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
     draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
-  eval.*: global batch size, method (a :data:`vdm_jax.eval_methods.EVAL_METHODS` entry) and
+  eval.*: global batch size, method (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` entry) and
     its settings for the whole-split bpd; ``reference_checkpoint`` evaluates a released
     reference checkpoint.
   sample.*: number of samples, global batch, sampler steps, sampler and decoding (names of
     :data:`vdm_jax.samplers.SAMPLER_NAMES` and :data:`vdm_jax.samplers.DECODERS`), and the
     adaptive ODE sampler's tolerance.
   sharding.fsdp: over how many devices the train state (parameters, EMA, optimizer state)
-    is split (FSDP, :mod:`vdm_jax.sharding`); 1 replicates it (data parallelism), -1 splits
+    is split (FSDP, :mod:`vdm_jax.runner.sharding`); 1 replicates it (data parallelism), -1 splits
     it over every device. It must divide the device count. Batches are always split over
     every device.
   sharding.min_shard_bytes: arrays smaller than this stay replicated.
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_groups = 32
     config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
     config.model.remat = False
-    # Reference-layout options (vdm_jax.reference sets them to load released checkpoints).
+    # Reference-layout options (vdm_jax.runner.reference sets them to load released checkpoints).
     config.model.label_input = "embed"  # "embed": label embedding; "flag": reference's flag.
     config.model.min_group_size = 4  # GroupNorm channels per group, at least.
     config.model.add_z_to_eps = False  # The reference predicts eps_hat = net(z) + z.
@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.adaptive_time = False
     # M > 1: M score networks, initialised and trained independently (each on its own times
     # and noise, the same batches) under one shared schedule; evaluation and sampling use
-    # the mean of their eps_hat (vdm_jax/ensemble.py). On a mesh whose "data" axis divides
+    # the mean of their eps_hat (vdm_jax/runner/ensemble.py). On a mesh whose "data" axis divides
     # M, each device trains its own members on the whole batch.
     config.model.ensemble_size = 1
 
@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128
-    # A vdm_jax.eval_methods.EVAL_METHODS entry. "elbo": the negative ELBO (an upper bound on
+    # A vdm_jax.runner.eval_methods.EVAL_METHODS entry. "elbo": the negative ELBO (an upper bound on
     # -log P(x)) with the training estimator (times (u + i/B) mod 1 over the batch);
     # "elbo_stratified": the same bound with stratified times per image in 2 independent
     # replicates, giving a Monte Carlo standard error; "elbo_shifted": the same with a randomly

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vdm_jax import (
+from vdm_jax.runner import (
     config_validation,
     evaluate,
     experiment,

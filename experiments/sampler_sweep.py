@@ -5,7 +5,7 @@ r"""Sample quality against sampler cost: the Fréchet distance for each sampler 
 Draws ``--num_samples`` samples from the workdir's latest checkpoint with each grid sampler
 of ``--samplers`` at each of ``--steps``, and with the adaptive probability-flow ODE sampler
 at each of ``--tolerances``; records the network evaluations, the seconds per draw (after
-compilation) and the Fréchet distance to the held-out images (:mod:`vdm_jax.sample_quality`,
+compilation) and the Fréchet distance to the held-out images (:mod:`vdm_jax.runner.sample_quality`,
 the datasets it knows). Writes ``{out}/sampler_sweep.json``, ``{out}/sampler_sweep.png`` (the
 distance against network evaluations, one line per sampler, with the real-data floor) and
 prints the table as Markdown. ``--out`` defaults to ``{workdir}/sampler_sweep``.
@@ -23,16 +23,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm_jax import (
-    checkpoint,
-    experiment,
-    latents,
-    model,
-    ode_likelihood,
-    sample_quality,
-    samplers,
-    sampling,
-)
+from vdm_jax import latents, model, ode_likelihood, samplers
+from vdm_jax.runner import checkpoint, experiment, sample_quality, sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir.")

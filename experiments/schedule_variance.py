@@ -29,16 +29,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm_jax import (
-    checkpoint,
-    data,
-    diffusion,
-    elbo_estimators,
-    experiment,
-    model,
-    schedules,
-    weightings,
-)
+from vdm_jax import diffusion, elbo_estimators, model, schedules, weightings
+from vdm_jax.runner import checkpoint, data, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir.")

@@ -17,7 +17,7 @@ import numpy as np
 from tensorboardX.proto import event_pb2
 
 from configs import test as test_config
-from vdm_jax import checkpoint, evaluate, experiment, sampling, state, train
+from vdm_jax.runner import checkpoint, evaluate, experiment, sampling, state, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,8 @@ from runner_helpers import tiny_config  # noqa: F401 (sets up the shared compila
 
 from configs import test as test_config
 from experiments.benchmark import harness, memory, options, parts, report, sweep
-from vdm_jax import experiment, flops, state, unet
+from vdm_jax import unet
+from vdm_jax.runner import experiment, flops, state
 
 PART_KEYS = {"part", "batch_size", "num_devices", "compile_s", "step_s", "images_per_s",
              "flops", "flops_per_s", "memory", "device_kind", "platform"}  # fmt: skip

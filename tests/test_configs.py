@@ -11,7 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 from runner_helpers import REPO, tiny_config, train_run
 
-from vdm_jax import config_validation, data, experiment, state, unet
+from vdm_jax import unet
+from vdm_jax.runner import config_validation, data, experiment, state
 
 CONFIGS = (
     "base",

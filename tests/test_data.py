@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from vdm_jax import data
+from vdm_jax.runner import data
 
 DIGITS = data.DatasetInfo("digits", (8, 8, 1), 17, 10, 1500, 297)
 

@@ -20,15 +20,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from vdm_jax import (
-    config_validation,
-    diffusion,
-    experiment,
-    model,
-    parameterizations,
-    schedules,
-    specs,
-)
+from vdm_jax import diffusion, model, parameterizations, schedules
+from vdm_jax.runner import config_validation, experiment, specs
 
 K, D = 9, 3
 GAMMA_0, GAMMA_1 = -13.3, 5.0

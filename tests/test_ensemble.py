@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec
 from runner_helpers import eval_run, sample_run, tiny_config, train_run
 from test_model import assert_grads_close
 
-from vdm_jax import data, elbo_estimators, ensemble, experiment, model, sharding, state, train
+from vdm_jax import elbo_estimators, model
+from vdm_jax.runner import data, ensemble, experiment, sharding, state, train
 
 # An input-adaptive schedule (MuLAN): the members share its encoder as well.
 ADAPTIVE = {"model.schedule": "per_dim_polynomial", "model.latent_dim": 4}

@@ -13,16 +13,8 @@ from gaussian import exact_eps_fn
 from runner_helpers import eval_run, tiny_config
 from test_reference import _layout, _random_tree, _write_clu_checkpoint
 
-from vdm_jax import (
-    config_validation,
-    diffusion,
-    eval_methods,
-    evaluate,
-    experiment,
-    ode_likelihood,
-    reference,
-    state,
-)
+from vdm_jax import diffusion, ode_likelihood
+from vdm_jax.runner import config_validation, eval_methods, evaluate, experiment, reference, state
 
 
 def _perturbed_state(config):

@@ -19,16 +19,8 @@ import pytest
 from gaussian import exact_eps_fn, mmse
 
 from configs import digits_mulan
-from vdm_jax import (
-    config_validation,
-    diffusion,
-    latents,
-    model,
-    ode_likelihood,
-    samplers,
-    schedules,
-    unet,
-)
+from vdm_jax import diffusion, latents, model, ode_likelihood, samplers, schedules, unet
+from vdm_jax.runner import config_validation
 
 MU = np.array([0.3, -0.2, 0.1, 0.0], np.float32)
 S = np.array([0.5, 0.2, 0.8, 0.35], np.float32)
@@ -457,7 +449,7 @@ def test_an_adaptive_vdm_starts_input_independent_and_trains_every_part():
     reaches the encoder, the schedule and the network, and the KL is part of the loss."""
     spec_config = digits_mulan.get_config("adaptive")
     spec_config.model.num_blocks, spec_config.model.channels = 1, 16
-    from vdm_jax import specs
+    from vdm_jax.runner import specs
 
     spec = specs.from_section(specs.ModelSpec, spec_config.model)
     vdm = spec.build(0, (8, 8, 1))

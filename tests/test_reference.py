@@ -24,7 +24,8 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import model, reference, schedules, unet
+from vdm_jax import model, schedules, unet
+from vdm_jax.runner import reference
 
 B, HW, C, K = 4, 8, 3, 256
 # 64 channels: the reference's 32 GroupNorm groups then hold 2 channels each, so that the

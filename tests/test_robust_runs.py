@@ -32,7 +32,7 @@ from runner_helpers import (
 )
 
 from configs import base as base_config
-from vdm_jax import (
+from vdm_jax.runner import (
     checkpoint,
     config_validation,
     experiment,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from vdm_jax import data, sample_quality
+from vdm_jax.runner import data, sample_quality
 
 
 def _random_cov(rng, dims):

@@ -20,7 +20,7 @@ from runner_helpers import (
 )
 
 from configs import cifar10
-from vdm_jax import data, evaluate, experiment, sampling, sharding, state, train
+from vdm_jax.runner import data, evaluate, experiment, sampling, sharding, state, train
 
 CIFAR10 = data.DatasetInfo("cifar10", (32, 32, 3), 256, 10, 50000, 10000)
 # Evaluation and sampling only where a test looks at them (each costs a compilation).

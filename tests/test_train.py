@@ -28,7 +28,7 @@ from runner_helpers import (
     train_run,
 )
 
-from vdm_jax import (
+from vdm_jax.runner import (
     checkpoint,
     conditioning,
     data,

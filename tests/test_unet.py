@@ -413,7 +413,7 @@ def test_group_norm_min_group_size(channels, min_size, groups):
 
 
 def test_reference_options_add_z_flag_and_groups():
-    """The options that reproduce the reference code (see vdm_jax.reference)."""
+    """The options that reproduce the reference code (see vdm_jax.runner.reference)."""
     z, gamma, label = _inputs(3, 8)
     label = jnp.array([0, 5])
     # 64 channels in 32 groups of 2: with groups of 1, GroupNorm would erase the conditioning.

@@ -104,7 +104,7 @@ class VDM(nn.Module):
       ensemble_size: M, the number of independent score networks. The module itself holds
         one; with M > 1 the stored ``score_net`` parameters stack M of them on a leading
         axis (:func:`init_params`), :func:`inference_fns` averages their eps_hat and
-        :mod:`vdm_jax.ensemble` trains each on its own loss.
+        :mod:`vdm_jax.runner.ensemble` trains each on its own loss.
     """
 
     schedule: nn.Module

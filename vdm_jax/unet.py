@@ -28,7 +28,7 @@ Parameter tree of :class:`ScoreUNet` (stable names; checkpoint loading depends o
 
 The network computes the same function as the public reference code (google-research/vdm,
 ``model_vdm.ScoreUNet``) when built with ``add_z_to_eps=True``, ``label_input="flag"`` and
-``min_group_size=1`` (:mod:`vdm_jax.reference` converts its checkpoints). Those three options
+``min_group_size=1`` (:mod:`vdm_jax.runner.reference` converts its checkpoints). Those three options
 are the only architectural differences; the defaults keep the network of the paper's text:
 
 * ``add_z_to_eps``: the reference returns ``conv_out(...) + z_t`` (its "base measure").

@@ -5,7 +5,7 @@ r"""Benchmark: speed, FLOP rate and memory of the training, eval and sampler ste
 
 On whatever devices JAX sees (CPU here, GPU/TPU elsewhere) it measures, for each batch size
 of ``--batch_sizes`` and each device count of ``--device_counts``, the experiment
-(``vdm_jax.experiment.build``) with that batch size for training, eval and sampling:
+(``vdm_jax.runner.experiment.build``) with that batch size for training, eval and sampling:
 
 * ``train``: the runner's own jitted step (``train.make_train_step``: batch sharded, state
   in the layout ``config.sharding`` sets, donated), on a fixed random batch (data loading
@@ -29,7 +29,7 @@ round-robin (train, eval, sample, conv stack, train, ...), each waited for with
 ``jax.block_until_ready`` before the clock stops, so that a change in the machine's load
 during the run affects every part alike and their FLOP-rate ratio stays fair.
 
-FLOPs (``vdm_jax.flops``): ``analytic`` is the closed-form count of the network's
+FLOPs (``vdm_jax.runner.flops``): ``analytic`` is the closed-form count of the network's
 convolutions and matrix products (3x the forward for a training step), ``jaxpr`` the same
 operations counted in the traced program (a check on ``analytic``; it also counts
 rematerialised forwards), ``xla`` XLA's ``cost_analysis()`` of the compiled program (all

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from experiments.benchmark import options, report, sweep
 from experiments.benchmark.parts import DEFAULT_PARTS, PARTS
-from vdm_jax import sharding
+from vdm_jax.runner import sharding
 
 FLAGS = flags.FLAGS
 

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import harness, parts
-from vdm_jax import flops, model, sharding, state, train, unet
-from vdm_jax.experiment import Experiment
+from vdm_jax import model, unet
+from vdm_jax.runner import flops, sharding, state, train
+from vdm_jax.runner.experiment import Experiment
 
 
 def saved_activation_bytes(exp: Experiment, params: Any, batch: dict[str, Any]) -> int:
@@ -108,7 +109,7 @@ def residual_estimate(
 
     Args:
       exp: the experiment (its mesh and ``sharding`` section give the layout).
-      shapes: :func:`vdm_jax.state.state_shapes` of ``exp``.
+      shapes: :func:`vdm_jax.runner.state.state_shapes` of ``exp``.
       activation_bytes: :func:`saved_activation_bytes` of the global batch.
     """
     laid_out = state.abstract_train_state(exp, shapes)

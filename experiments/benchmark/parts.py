@@ -20,8 +20,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from experiments.benchmark import harness
-from vdm_jax import eval_methods, evaluate, flops, sampling, sharding, specs, state, train
-from vdm_jax.experiment import Experiment
+from vdm_jax.runner import eval_methods, evaluate, flops, sampling, sharding, specs, state, train
+from vdm_jax.runner.experiment import Experiment
 
 if TYPE_CHECKING:  # options.py reads PARTS from here.
     from experiments.benchmark.options import Options

@@ -29,8 +29,8 @@ import ml_collections
 
 from experiments.benchmark import harness, memory, parts, report
 from experiments.benchmark.options import Options
-from vdm_jax import data, experiment
-from vdm_jax.experiment import Experiment
+from vdm_jax.runner import data, experiment
+from vdm_jax.runner.experiment import Experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The flags a child's command line sets itself.
@@ -93,7 +93,7 @@ def build_experiment(
     """``config`` with ``batch_size`` for training, eval and sampling, built on ``devices``.
 
     Raises:
-      vdm_jax.config_validation.ConfigError: if that config is invalid on these devices.
+      vdm_jax.runner.config_validation.ConfigError: if that config is invalid on these devices.
     """
     config = copy.deepcopy(config)
     config.training.batch_size = batch_size

@@ -19,9 +19,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vdm_jax import ensemble, model, sharding
-from vdm_jax.experiment import Experiment
-from vdm_jax.specs import OptimizerSpec
+from vdm_jax import model
+from vdm_jax.runner import ensemble, sharding
+from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.specs import OptimizerSpec
 
 Params = Any
 
@@ -142,9 +143,9 @@ def state_shapes(exp: Experiment) -> TrainState:
 
 def state_shardings(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
     """The state's layout over the mesh: each leaf's ``NamedSharding`` (``sharding.fsdp``:
-    large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.sharding.state_shardings`).
+    large arrays split over the ``"fsdp"`` axis, :func:`vdm_jax.runner.sharding.state_shardings`).
     An ensemble whose members are split over the ``"data"`` axis
-    (:func:`vdm_jax.ensemble.member_parallel`) keeps its networks' leaves split there too.
+    (:func:`vdm_jax.runner.ensemble.member_parallel`) keeps its networks' leaves split there too.
 
     ``shapes``: :func:`state_shapes`, if already traced.
     """

@@ -1,7 +1,7 @@
 """One typed experiment, built once from a validated config: what train, eval, sample and
 the benchmark take.
 
-:func:`build` checks the config (:mod:`vdm_jax.config_validation`), turns each section into a
+:func:`build` checks the config (:mod:`vdm_jax.runner.config_validation`), turns each section into a
 frozen dataclass whose fields are the section's keys (``OptimizerSpec(**config.optimizer)``,
 as big_vision passes ``config.model`` to its model), and assembles the parts a run needs:
 the dataset's facts, the device mesh, the VDM, the objective and the conditioning. Nothing
@@ -18,8 +18,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from vdm_jax import conditioning, config_validation, data, model, reference, sharding, specs
-from vdm_jax.specs import (
+from vdm_jax import model
+from vdm_jax.runner import conditioning, config_validation, data, reference, sharding, specs
+from vdm_jax.runner.specs import (
     DataSpec,
     EvalSpec,
     ModelSpec,
@@ -39,11 +40,11 @@ class Experiment:
       data: the data section.
       info: the dataset's facts (shape, K, classes, split sizes).
       mesh: the device mesh ``("data", "fsdp")`` over every device of every host
-        (:func:`vdm_jax.sharding.make_mesh`).
+        (:func:`vdm_jax.runner.sharding.make_mesh`).
       model: the model section, as given (the VDM is :attr:`vdm`).
       vdm: the schedule and score network.
       loss: what the objective needs (vocabulary, timesteps, time sampling, schedule grads).
-      conditioning: the :data:`vdm_jax.conditioning.CONDITIONINGS` entry.
+      conditioning: the :data:`vdm_jax.runner.conditioning.CONDITIONINGS` entry.
       optimizer: the optimizer section.
       training: the training section.
       eval: the eval section.
@@ -79,7 +80,7 @@ def with_reference_architecture(config: ml_collections.ConfigDict) -> ml_collect
     """A copy of ``config`` whose model is that of ``config.eval.reference_checkpoint``.
 
     Reads the released google-research/vdm checkpoint's parameter shapes
-    (:func:`vdm_jax.reference.model_overrides`); ``config`` itself is not changed. Without a
+    (:func:`vdm_jax.runner.reference.model_overrides`); ``config`` itself is not changed. Without a
     reference checkpoint, returns ``config``.
     """
     path = config.eval.reference_checkpoint

@@ -18,19 +18,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vdm_jax import (
-    conditioning,
-    data,
-    eval_methods,
-    model,
-    ode_likelihood,
-    parameterizations,
-    samplers,
-    schedules,
-    specs,
-    unet,
-    weightings,
-)
+from vdm_jax import model, ode_likelihood, parameterizations, samplers, schedules, unet, weightings
+from vdm_jax.runner import conditioning, data, eval_methods, specs
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 

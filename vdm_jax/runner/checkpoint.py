@@ -1,4 +1,4 @@
-"""Asynchronous orbax checkpoints of the whole :class:`~vdm_jax.state.TrainState`, verified.
+"""Asynchronous orbax checkpoints of the whole :class:`~vdm_jax.runner.state.TrainState`, verified.
 
 A checkpoint is the state pytree alone: the data position is its step (batches are a pure
 function of ``(seed, step)``) and the PRNG key is in the state. Checkpoints live in
@@ -28,9 +28,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vdm_jax import reference, state
-from vdm_jax.experiment import Experiment
-from vdm_jax.state import TrainState
+from vdm_jax.runner import reference, state
+from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.state import TrainState
 
 DIGEST_KEY = "vdm_jax_state_digest"
 
@@ -176,7 +176,7 @@ def restore_latest(
     Args:
       workdir: the run's directory.
       abstract_state: ``jax.ShapeDtypeStruct`` leaves with shardings
-        (:func:`vdm_jax.state.abstract_train_state`).
+        (:func:`vdm_jax.runner.state.abstract_train_state`).
       set_aside: move unreadable checkpoints out of the way (training: call the training
         manager's ``reload()`` afterwards); False only skips them (evaluation, sampling).
 
@@ -203,7 +203,7 @@ def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
     """``(EMA parameters, step)`` to evaluate or sample with, in the state's layout.
 
     From ``eval.reference_checkpoint`` when set (a released google-research/vdm checkpoint,
-    whose architecture :func:`vdm_jax.experiment.build` already gave ``exp``), else from the
+    whose architecture :func:`vdm_jax.runner.experiment.build` already gave ``exp``), else from the
     newest readable checkpoint of ``workdir``.
 
     Raises:

@@ -8,20 +8,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm_jax import (
-    checkpoint,
-    latents,
-    metrics,
-    model,
-    outputs,
-    sample_quality,
-    samplers,
-    sharding,
-    state,
-)
-from vdm_jax import workdir as workdir_lib
-from vdm_jax.experiment import Experiment
-from vdm_jax.preemption import Preemption
+from vdm_jax import latents, model, samplers
+from vdm_jax.runner import checkpoint, metrics, outputs, sample_quality, sharding, state
+from vdm_jax.runner import workdir as workdir_lib
+from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.preemption import Preemption
 
 Params = Any
 # ``fold_in`` constant that separates the sampling randomness from training's and eval's.
@@ -94,7 +85,7 @@ def draw(
 
 def quality(exp: Experiment, samples: np.ndarray, workdir: str) -> dict[str, float]:
     """``samples/...`` scalars: the Fréchet distance of ``samples`` [N, H, W, C] to the held-out
-    split, and that of as many real images (:mod:`vdm_jax.sample_quality`); empty when the
+    split, and that of as many real images (:mod:`vdm_jax.runner.sample_quality`); empty when the
     dataset has no feature network or N < 2."""
     name = exp.info.name
     if name not in sample_quality.FEATURE_NETS or len(samples) < 2:

@@ -5,7 +5,7 @@ workdir's checkpoints (every section's fields and the seed), written with the fi
 checkpoint. A run that resumes, evaluates or samples the workdir compares its own config
 with it: a change to a field that defines the model, the objective or the data order is
 refused, naming each such field with its old and new values; fields marked
-:func:`vdm_jax.specs.may_change` (lengths, intervals, evaluation and sampling settings, the
+:func:`vdm_jax.runner.specs.may_change` (lengths, intervals, evaluation and sampling settings, the
 compute dtype, rematerialisation, the optimizer's step sizes) may change and are logged.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 import jax
 from absl import logging
 
-from vdm_jax import specs
-from vdm_jax.config_validation import ConfigError
-from vdm_jax.experiment import Experiment
+from vdm_jax.runner import specs
+from vdm_jax.runner.config_validation import ConfigError
+from vdm_jax.runner.experiment import Experiment
 
 RECORD = "config.json"
 

@@ -9,7 +9,7 @@ dimension that ``F`` divides (:func:`fsdp_spec`; fully sharded data parallelism,
 ZeRO-3: Rajbhandari et al. 2020, and big_vision's and MaxText's FSDP). A sharded step
 gathers the parameters it computes with (:meth:`ParamLayout.gather`) and sums their
 gradients onto the shards (:meth:`ParamLayout.shard`); XLA inserts the collectives. Each
-host reads only its own rows of a global batch (``vdm_jax.data``) and :func:`global_batch`
+host reads only its own rows of a global batch (``vdm_jax.runner.data``) and :func:`global_batch`
 assembles them.
 """
 
@@ -42,7 +42,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mes
     device of every host), ``F = fsdp`` (``-1``: all ``N`` devices).
 
     Devices are ordered by (process, id) and laid out row by row, so that host ``p``'s devices
-    hold rows ``[p b, (p + 1) b)`` of a global batch, the rows that ``vdm_jax.data`` gives
+    hold rows ``[p b, (p + 1) b)`` of a global batch, the rows that ``vdm_jax.runner.data`` gives
     host ``p``. Tests pass a subset of the local devices to compare device counts in one
     process.
 

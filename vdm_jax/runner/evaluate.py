@@ -1,9 +1,10 @@
 """bpd over the whole evaluation split, with standard errors: during training and as
 ``--mode=eval``.
 
-:class:`Evaluator` compiles an experiment's estimator (:data:`vdm_jax.eval_methods.EVAL_METHODS`
-``[eval.method]``) once per run and runs it over every real example of the eval split
-(padding rows masked out): per-image estimates, then the mean over images and its standard
+:class:`Evaluator` compiles an experiment's estimator
+(:data:`vdm_jax.runner.eval_methods.EVAL_METHODS` ``[eval.method]``) once per run and runs
+it over every real example of the eval split (padding rows masked out): per-image
+estimates, then the mean over images and its standard
 error ``std / sqrt(N)`` for the total bpd and each term. That standard error treats the
 per-image estimates as independent; it covers both the spread of the data and the Monte
 Carlo noise. Methods with replicates also report ``bpd_mc_stderr``, the Monte Carlo error
@@ -24,20 +25,11 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from vdm_jax import (
-    checkpoint,
-    data,
-    diffusion,
-    elbo_estimators,
-    eval_methods,
-    model,
-    outputs,
-    sharding,
-    state,
-)
-from vdm_jax import workdir as workdir_lib
-from vdm_jax.experiment import Experiment
-from vdm_jax.preemption import Preemption
+from vdm_jax import diffusion, elbo_estimators, model
+from vdm_jax.runner import checkpoint, data, eval_methods, outputs, sharding, state
+from vdm_jax.runner import workdir as workdir_lib
+from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.preemption import Preemption
 
 Params = Any
 # ``fold_in`` constants that separate the eval randomness from training's and sampling's.
@@ -57,8 +49,8 @@ class EvalResult:
         measures its Monte Carlo error; ``num_function_evals`` for adaptive methods. For a
         class-conditional model ``bpd`` bounds ``-log P(x)``: the conditional bound
         ``bpd_conditional`` plus ``bpd_label``, ``-log2 P(label) / D`` under the conditioning's
-        label prior (:attr:`vdm_jax.conditioning.Conditioning.label_nats`).
-      settings: the method's settings (:attr:`vdm_jax.eval_methods.EvalMethod.settings`).
+        label prior (:attr:`vdm_jax.runner.conditioning.Conditioning.label_nats`).
+      settings: the method's settings (:attr:`vdm_jax.runner.eval_methods.EvalMethod.settings`).
       seconds: wall time of the evaluation.
     """
 

@@ -2,13 +2,13 @@
 
 Each dataclass's fields are exactly the keys of its config section (``configs/base.py``
 documents them), so ``OptimizerSpec(**config.optimizer)`` is the whole conversion, as
-big_vision passes ``config.model`` to its model. :func:`vdm_jax.experiment.build` makes them
+big_vision passes ``config.model`` to its model. :func:`vdm_jax.runner.experiment.build` makes them
 once, after the config checks.
 
 Fields marked :func:`may_change` may differ between a workdir's recorded config and a run
 that resumes, evaluates or samples it (lengths, intervals, evaluation and sampling settings,
 the compute dtype, rematerialisation, the optimizer's step sizes); every other field defines
-the model, the objective or the data order, and a change is refused (:mod:`vdm_jax.workdir`).
+the model, the objective or the data order, and a change is refused (:mod:`vdm_jax.runner.workdir`).
 Fields marked :func:`added` came later; a record without one is read as its former value.
 """
 
@@ -164,7 +164,7 @@ class TrainingSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-    """``config.eval``: the estimator (a :data:`vdm_jax.eval_methods.EVAL_METHODS` key) and
+    """``config.eval``: the estimator (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` key) and
     its settings; ``reference_checkpoint`` evaluates a released reference checkpoint."""
 
     method: str = may_change()

@@ -2,7 +2,7 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is pure; :func:`make_train_step` jits it
 over the mesh with the batch sharded, the state in its layout (replicated, or split over the
-``"fsdp"`` axis: :mod:`vdm_jax.sharding`) and donated.
+``"fsdp"`` axis: :mod:`vdm_jax.runner.sharding`) and donated.
 :func:`train_and_evaluate` runs it from the latest checkpoint of the workdir (or from
 scratch) to ``training.num_steps``. Nothing is scanned in chunks: every step returns
 to the host, so logging, evaluation and checkpoints can happen at any step.
@@ -26,24 +26,23 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
-from vdm_jax import (
+from vdm_jax import elbo_estimators, model
+from vdm_jax.runner import (
     checkpoint,
     data,
-    elbo_estimators,
     ensemble,
     eval_methods,
     evaluate,
     metrics,
-    model,
     outputs,
     preemption,
     sampling,
     sharding,
     state,
 )
-from vdm_jax import workdir as workdir_lib
-from vdm_jax.experiment import Experiment
-from vdm_jax.state import TrainState
+from vdm_jax.runner import workdir as workdir_lib
+from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.state import TrainState
 
 Metrics = dict[str, jax.Array]
 # What the training loop logs under ``train/`` (window means of the step metrics, then
@@ -82,14 +81,14 @@ def train_step(
       train_state: the state before the step.
       batch: ``{"image": int32 [B, H, W, C], "label": int32 [B] (if conditioned)}``.
       vdm: the model.
-      optimizer: the optax transformation of :func:`vdm_jax.state.create_optimizer`.
+      optimizer: the optax transformation of :func:`vdm_jax.runner.state.create_optimizer`.
       learning_rate: its learning-rate schedule (for logging).
       loss_cfg: the objective's configuration.
       ema_rate: the EMA decay.
       layout: the parameters' layout: the step computes with them gathered and keeps their
         gradients (and so the update) in the stored layout.
       mesh: the mesh the step is jitted over: an ensemble's members may be split over it
-        (:func:`vdm_jax.ensemble.loss_and_grads`).
+        (:func:`vdm_jax.runner.ensemble.loss_and_grads`).
 
     Returns:
       ``(new_state, metrics)``; metrics are scalars: ``bpd`` and each term (``bpd_prior``,
@@ -161,7 +160,7 @@ def train_step(
 
 def make_train_step(exp: Experiment) -> TrainStepFn:
     """:func:`train_step` jitted over the mesh: batch sharded, state in its layout
-    (:func:`vdm_jax.state.state_shardings`) and donated."""
+    (:func:`vdm_jax.runner.state.state_shardings`) and donated."""
     state_shardings = state.state_shardings(exp)
     step = functools.partial(
         train_step,
@@ -243,15 +242,15 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     Guarantees: a state is saved only once a finite loss has been computed from it, so every
     checkpoint is a good one and only good ones rotate older ones out; a non-finite loss,
     gradient or updated state raises ``FloatingPointError`` without saving. The workdir keeps
-    the config that wrote it (:mod:`vdm_jax.workdir`) and a changed config is refused before
+    the config that wrote it (:mod:`vdm_jax.runner.workdir`) and a changed config is refused before
     any work. An unreadable or corrupt newest checkpoint is set aside and the next older one
-    used (:mod:`vdm_jax.checkpoint`). On SIGTERM it saves at the next step boundary (or,
+    used (:mod:`vdm_jax.runner.checkpoint`). On SIGTERM it saves at the next step boundary (or,
     during an evaluation or sampling, at once) and returns; a signal before any new step
     has finished (during the first compilation, say) raises
-    :class:`vdm_jax.preemption.Interrupted` at once, having written nothing.
+    :class:`vdm_jax.runner.preemption.Interrupted` at once, having written nothing.
 
     Args:
-      exp: the experiment (:func:`vdm_jax.experiment.build`).
+      exp: the experiment (:func:`vdm_jax.runner.experiment.build`).
       workdir: holds checkpoints, TensorBoard events, eval JSON files and samples.
 
     Returns:
@@ -422,7 +421,7 @@ def _sample(
     preempt: preemption.Preemption,
 ) -> None:
     """Samples from the EMA parameters during training, as a TensorBoard grid and files, with
-    their quality figures (:func:`vdm_jax.sampling.quality`)."""
+    their quality figures (:func:`vdm_jax.runner.sampling.quality`)."""
     samples = sampling.draw(exp, train_state.ema_params, sample_fn, preempt)
     vocab_size = exp.info.vocab_size
     writer.write_images(step, {"samples": outputs.image_grid(samples, vocab_size)})

@@ -13,7 +13,7 @@ much it gains depends on how independent the members' errors are.
 
 On a mesh whose ``"data"`` axis D divides M (and exceeds 1), each device trains M / D of the
 members on the whole batch (:func:`jax.shard_map` over ``"data"``) and keeps their part of
-the train state (:func:`vdm_jax.state.state_shardings`). Otherwise every device computes
+the train state (:func:`vdm_jax.runner.state.state_shardings`). Otherwise every device computes
 every member on its part of the batch, as one network would be computed, with the state
 replicated. Both give the same gradients. On two CPU devices, the digits step of two split
 members runs at 0.68 of a plain conv stack's FLOP rate, as one network's (0.67): the
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from vdm_jax import elbo_estimators, model, sharding
+from vdm_jax import elbo_estimators, model
+from vdm_jax.runner import sharding
 
 Params = model.Params
 

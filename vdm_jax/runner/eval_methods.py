@@ -5,7 +5,7 @@ Each entry is a pure per-batch function of the model as plain functions (``gamma
 config checks read: whether it needs a continuous-time model, its network evaluations per
 image, the settings recorded with its results, extra config rules, and an optional
 ``prepare`` step run once per evaluation on the first batch (the importance pilot).
-:mod:`vdm_jax.evaluate` runs an entry over the whole split; adding an estimator is one entry
+:mod:`vdm_jax.runner.evaluate` runs an entry over the whole split; adding an estimator is one entry
 here, its function and its test.
 
 Per-batch contract: ``estimate(gamma_fn, eps_fn, x [B, H, W, C] ints, key, prepared, *,
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from vdm_jax import diffusion, elbo_estimators, ode_likelihood, schedules
 from vdm_jax.model import LossConfig
-from vdm_jax.specs import EvalSpec
+from vdm_jax.runner.specs import EvalSpec
 
 # Time bins of the importance-sampling proposal q(t) (``elbo_importance``).
 PROPOSAL_BINS = 32

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vdm_jax import data
+from vdm_jax.runner import data
 
 CACHE_DIR = "sample_quality"
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import data
+from vdm_jax.runner import data
 
 LabelFn = Callable[[np.ndarray], np.ndarray]
 
@@ -63,7 +63,7 @@ class Conditioning:
 
         Args:
           batch: ``{"image": int [b, H, W, C], "label": int [b], ...}`` from
-            :mod:`vdm_jax.data`.
+            :mod:`vdm_jax.runner.data`.
           train: whether this is a training batch.
         """
         if not self.conditional:
