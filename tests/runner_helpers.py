@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import struct
@@ -135,11 +136,28 @@ def latest_step(workdir: str) -> int | None:
         manager.close()
 
 
-def read_events(workdir: str) -> dict[str, list[int]]:
-    """Tag -> steps of the TensorBoard events in ``{workdir}/tensorboard`` (TFRecord files:
-    length u64, its CRC u32, the Event proto, its CRC u32)."""
+def eval_records(workdir: str, step: int) -> list[dict[str, Any]]:
+    """Every evaluation record of ``step`` in ``workdir`` (one per protocol)."""
+    return [
+        record
+        for path in sorted(glob.glob(os.path.join(workdir, "eval", "*", f"step_{step}.json")))
+        for record in [json.load(open(path))]
+    ]
+
+
+def eval_record(workdir: str, step: int) -> dict[str, Any] | None:
+    """The one evaluation record of ``step`` (None if there is none; fails if several)."""
+    found = eval_records(workdir, step)
+    assert len(found) <= 1, [r["protocol_id"] for r in found]
+    return found[0] if found else None
+
+
+def read_events(workdir: str, run: str = "") -> dict[str, list[int]]:
+    """Tag -> steps of the TensorBoard events in ``{workdir}/tensorboard/{run}`` (``run``
+    may be a glob; TFRecord files: length u64, its CRC u32, the Event proto, its CRC u32)."""
     tags: dict[str, list[int]] = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    pattern = os.path.join(workdir, "tensorboard", run, "events.out.tfevents.*")
+    for path in sorted(glob.glob(pattern)):
         with open(path, "rb") as f:
             raw = f.read()
         pos = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 
@@ -43,7 +44,11 @@ def assert_same_batches(a, b) -> None:
 
 
 def test_digits_info():
-    assert data.get_info("digits") == DIGITS
+    info = data.get_info("digits")
+    assert dataclasses.replace(info, version="") == DIGITS
+    # The protocol of every result names the rows: the package and the fixed split.
+    assert info.eval_split == "test"
+    assert "load_digits" in info.version and "test rows 1500-1796" in info.version
 
 
 def test_unknown_name_lists_allowed():
@@ -268,7 +273,11 @@ def test_prefetch_matches_synchronous():
 def test_cifar10_mock_shapes_and_counts():
     with tfds.testing.mock_data(num_examples=20):
         info = data.get_info("cifar10")
-        assert info == data.DatasetInfo("cifar10", (32, 32, 3), 256, 10, 20, 20)
+        assert dataclasses.replace(info, version="") == data.DatasetInfo(
+            "cifar10", (32, 32, 3), 256, 10, 20, 20
+        )
+        version = tfds.builder("cifar10").info.version
+        assert info.eval_split == "test" and info.version == f"tfds cifar10:{version}"
         train = take(data.train_iterator("cifar10", global_batch_size=8, seed=0, augment=True), 6)
         for batch in train:
             assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.int32

@@ -1,7 +1,6 @@
 """Evaluation methods of the runner: per-image time sampling, importance sampling, the ODE
 bound, and released reference checkpoints, each through ``Evaluator``/``run_eval``."""
 
-import json
 import os
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from gaussian import exact_eps_fn
-from runner_helpers import eval_run, tiny_config
+from runner_helpers import eval_record, eval_run, tiny_config
 from test_reference import _layout, _random_tree, _write_clu_checkpoint
 
 from vdm_jax import diffusion, ode_likelihood
@@ -54,10 +53,10 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
         config = tiny_config(**{"eval.method": method, "eval.num_time_samples": 4})
         exp, params = _perturbed_state(config)
         evaluator = evaluate.Evaluator(exp)
-        results[method] = evaluator(params).record()
+        results[method] = evaluator(params).record(step=0)
     # A second evaluation (as during training) reuses the compiled pilot of q(t).
     compiled_pilots = evaluator.prepare._cache_size()
-    again = evaluator(params).record()
+    again = evaluator(params).record(step=0)
     assert evaluator.prepare._cache_size() == compiled_pilots == 1
     assert again["bpd"] == results["elbo_importance"]["bpd"]
     strat, imp = results["elbo_stratified"], results["elbo_importance"]
@@ -90,7 +89,7 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
         }
     )
     exp, params = _perturbed_state(config)
-    r = evaluate.Evaluator(exp)(params).record()
+    r = evaluate.Evaluator(exp)(params).record(step=0)
     assert r["method"] == "ode" and r["num_examples"] == 297
     assert np.isfinite(r["bpd"]) and r["bpd"] > 0
     assert r["num_function_evals"] > 6 and r["ode_rtol"] == 1e-2
@@ -166,8 +165,7 @@ def test_reference_checkpoint_eval_uses_its_ema_parameters(tmp_path):
         for which, expect_equal in ((restored.ema_params, True), (restored.params, False)):
             r = evaluator(which)
             assert np.isclose(r.bpd, record["bpd"], rtol=1e-6) == expect_equal
-    with open(os.path.join(workdir, "eval_step_1234.json")) as f:
-        assert json.load(f)["bpd"] == record["bpd"]
+    assert eval_record(workdir, 1234)["bpd"] == record["bpd"]
 
 
 def test_shifted_grid_elbo_is_unbiased_and_reports_its_monte_carlo_error():

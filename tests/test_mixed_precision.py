@@ -1,10 +1,8 @@
 """bfloat16 compute through the whole runner: same bpd as float32 within its standard error."""
 
-import json
-import os
 
 import pytest
-from runner_helpers import tiny_config, train_run
+from runner_helpers import eval_record, tiny_config, train_run
 
 
 @pytest.mark.slow
@@ -26,8 +24,7 @@ def test_bfloat16_run_matches_float32_bpd_within_its_standard_error(tmp_path):
         )
         workdir = str(tmp_path / dtype)
         assert int(train_run(config, workdir).step) == 8
-        with open(os.path.join(workdir, "eval_step_8.json")) as f:
-            results[dtype] = json.load(f)
+        results[dtype] = eval_record(workdir, 8)
     f32, bf16 = results["float32"], results["bfloat16"]
     assert f32["num_examples"] == bf16["num_examples"] == 297
     difference = abs(f32["bpd"] - bf16["bpd"])

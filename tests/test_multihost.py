@@ -3,14 +3,13 @@ state replicated or split over both hosts' devices."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 
 import pytest
 from runner_helpers import (
     REPO,
     assert_trees_close,
+    eval_record,
     flag_overrides,
     free_port,
     main_command,
@@ -64,10 +63,7 @@ def test_two_processes_match_one_process(tmp_path, fsdp):
     # Split, the gradients are summed in another order; Adam amplifies that in tiny moments.
     tolerance = dict(rtol=1e-5, atol=1e-6) if fsdp == 1 else dict(rtol=1e-4, atol=1e-5)
     assert_trees_close(restore(config, multi), restore(config, single), **tolerance)
-    with open(os.path.join(multi, "eval_step_3.json")) as f:
-        multi_eval = json.load(f)
-    with open(os.path.join(single, "eval_step_3.json")) as f:
-        single_eval = json.load(f)
+    multi_eval, single_eval = eval_record(multi, 3), eval_record(single, 3)
     assert multi_eval["num_examples"] == single_eval["num_examples"] == 297
     for k in ("bpd", "bpd_prior", "bpd_recon", "bpd_diff"):
         assert multi_eval[k] == pytest.approx(single_eval[k], rel=1e-5), k

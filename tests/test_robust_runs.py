@@ -22,6 +22,7 @@ import pytest
 from runner_helpers import (
     REPO,
     assert_trees_close,
+    eval_record,
     eval_run,
     latest_step,
     main_command,
@@ -165,7 +166,7 @@ def test_unreadable_and_corrupt_checkpoints_fall_back_to_the_newest_readable(tmp
             if f"Cannot read checkpoint {ckpts}/{step} (" in line
         ]
         assert len(warnings) == 1 and reason in warnings[0], (step, warnings)
-    assert json.load(open(os.path.join(path, "eval_step_1.json")))["step"] == 1
+    assert eval_record(path, 1)["step"] == 1
     assert _steps(path) == [1, 2, 3, 4, 6, 7]
 
     # Training sets each aside (nothing deleted) and resumes from step 1.
@@ -295,7 +296,7 @@ def test_config_record_refuses_changes_that_mix_runs(tmp_path):
     # Evaluation with another model is refused and writes nothing.
     with pytest.raises(config_validation.ConfigError, match="num_groups"):
         eval_run(tiny_config(**{"model.num_groups": 2}), path)
-    assert not os.path.exists(os.path.join(path, "eval_step_2.json"))
+    assert eval_record(path, 2) is None
     # Allowed changes pass: length, intervals, evaluation settings, remat.
     allowed = {
         "training.num_steps": 3,
@@ -350,7 +351,7 @@ def test_sigterm_during_evaluation_saves_and_stops_between_batches(tmp_path):
     assert status == 0, output
     assert "Preempted at step 2 during evaluation or sampling; checkpoint saved." in output
     assert latest_step(path) == 2
-    assert not os.path.exists(os.path.join(path, "eval_step_2.json"))  # Not finished.
+    assert eval_record(path, 2) is None  # Not finished.
 
 
 @pytest.mark.slow

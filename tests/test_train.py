@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,6 +15,7 @@ import tensorflow_datasets as tfds
 from runner_helpers import (
     REPO,
     assert_trees_close,
+    eval_record,
     eval_run,
     flag_overrides,
     latest_step,
@@ -53,12 +53,14 @@ def test_train_resume_evaluate_sample(tmp_path):
     events = read_events(workdir)
     for name in train.LOGGED_METRICS:
         assert events[f"train/{name}"] == [2, 4], name
+    assert not any(tag.startswith("eval/") for tag in events)  # In the protocol's own run.
+    during_training = eval_record(workdir, 4)
+    eval_events = read_events(workdir, os.path.join("eval", during_training["protocol_id"]))
     for name in ("bpd", "bpd_stderr", "bpd_prior", "bpd_recon", "bpd_diff"):
-        assert events[f"eval/{name}"] == [4], name
+        assert eval_events[f"eval/{name}"] == [4], name
+    assert eval_events["eval/protocol/text_summary"] == [4]  # tensorboardX's text tag.
     assert events["samples"] == [4]
     assert events["samples/frechet_distance"] == [4]
-    with open(os.path.join(workdir, "eval_step_4.json")) as f:
-        during_training = json.load(f)
     assert during_training["num_examples"] == 297  # The whole split, padding masked out.
 
     # Resume: a longer run continues from step 4 instead of starting over.
@@ -67,14 +69,12 @@ def test_train_resume_evaluate_sample(tmp_path):
     resumed = train_run(config, workdir)
     assert int(resumed.step) == 6
     assert latest_step(workdir) == 6
-    assert os.path.exists(os.path.join(workdir, "eval_step_6.json"))  # 6 % 3 == 0.
-    assert not os.path.exists(os.path.join(workdir, "eval_step_3.json"))  # Not re-run.
+    assert eval_record(workdir, 6) is not None  # 6 % 3 == 0.
+    assert eval_record(workdir, 3) is None  # Not re-run.
 
     # --mode=eval reproduces the number the training run wrote for the same step and seed.
     results = eval_run(config, workdir)
-    with open(os.path.join(workdir, "eval_step_6.json")) as f:
-        written = json.load(f)
-    assert results == written
+    assert results == eval_record(workdir, 6)  # The same protocol: its own record, replaced.
     assert results["step"] == 6 and results["num_examples"] == 297
     for name in ("bpd", "bpd_prior", "bpd_recon", "bpd_diff"):
         assert np.isfinite(results[name]) and results[f"{name}_stderr"] >= 0
@@ -120,7 +120,7 @@ def test_eight_devices_match_one_device():
     for n in (1, 8):
         exp = experiment.build(config, jax.devices()[:n])
         train_state = state.create_train_state(exp)
-        eval_before = evaluate.Evaluator(exp)(train_state.ema_params).record()
+        eval_before = evaluate.Evaluator(exp)(train_state.ema_params).record(step=0)
         step_fn = train.make_train_step(exp)
         history = []
         for batch in batches:
@@ -221,8 +221,7 @@ def test_tfds_path_under_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=20):
         final = train_run(config, workdir)
     assert int(final.step) == 2
-    with open(os.path.join(workdir, "eval_step_2.json")) as f:
-        results = json.load(f)
+    results = eval_record(workdir, 2)
     assert results["num_examples"] == 20  # Two batches of 16, the second padded with 12.
     assert np.isfinite(results["bpd"])
     samples = np.load(os.path.join(workdir, "samples", "step_2.npz"))["samples"]

@@ -62,6 +62,9 @@ class DatasetInfo:
       num_classes: number of label classes; 0 when the dataset has no labels.
       num_train: number of training examples.
       num_eval: number of evaluation examples.
+      eval_split: the split evaluated (``"test"``, ``"validation"``).
+      version: where the rows come from, with the version that makes figures comparable
+        (``"tfds cifar10:3.0.2"``, the embedded set's package and split).
     """
 
     name: str
@@ -70,6 +73,8 @@ class DatasetInfo:
     num_classes: int
     num_train: int
     num_eval: int
+    eval_split: str = "test"
+    version: str = ""
 
 
 class _Split(Protocol):
@@ -135,12 +140,16 @@ class _Spec:
       vocab_size: K.
       num_classes: number of label classes, 0 if unlabelled.
       open_split: ``(name, split, data_dir) -> _Split`` with split "train" or "eval".
+      eval_split: the name of the split evaluated.
+      version: ``data_dir ->`` the source and version of the rows (:attr:`DatasetInfo.version`).
     """
 
     shape: tuple[int, int, int]
     vocab_size: int
     num_classes: int
     open_split: Callable[[str, str, str | None], _Split]
+    eval_split: str
+    version: Callable[[str | None], str]
 
 
 @functools.cache
@@ -187,11 +196,42 @@ def _tfds_spec(
     open_split = functools.partial(
         _open_tfds, tfds_name, {"train": "train", "eval": eval_split}, shape, num_classes > 0
     )
-    return _Spec(shape=shape, vocab_size=256, num_classes=num_classes, open_split=open_split)
+    return _Spec(
+        shape=shape,
+        vocab_size=256,
+        num_classes=num_classes,
+        open_split=open_split,
+        eval_split=eval_split,
+        version=functools.partial(_tfds_version, tfds_name),
+    )
+
+
+def _tfds_version(tfds_name: str, data_dir: str | None) -> str:
+    """``"tfds NAME:VERSION"`` of the prepared dataset in ``data_dir``."""
+    import tensorflow_datasets as tfds
+
+    return f"tfds {tfds_name}:{tfds.builder(tfds_name, data_dir=data_dir).info.version}"
+
+
+def _digits_version(data_dir: str | None) -> str:
+    del data_dir
+    import sklearn
+
+    return (
+        f"scikit-learn {sklearn.__version__} load_digits; train rows 0-{_DIGITS_NUM_TRAIN - 1}, "
+        f"test rows {_DIGITS_NUM_TRAIN}-1796"
+    )
 
 
 DATASETS: dict[str, _Spec] = {
-    "digits": _Spec(shape=(8, 8, 1), vocab_size=17, num_classes=10, open_split=_open_digits),
+    "digits": _Spec(
+        shape=(8, 8, 1),
+        vocab_size=17,
+        num_classes=10,
+        open_split=_open_digits,
+        eval_split="test",
+        version=_digits_version,
+    ),
     "cifar10": _tfds_spec("cifar10", "test", (32, 32, 3), num_classes=10),
     "imagenet32": _tfds_spec("downsampled_imagenet/32x32", "validation", (32, 32, 3), 0),
     "imagenet64": _tfds_spec("downsampled_imagenet/64x64", "validation", (64, 64, 3), 0),
@@ -216,6 +256,8 @@ def _open(name: str, data_dir: str | None) -> tuple[DatasetInfo, _Split, _Split]
         num_classes=spec.num_classes,
         num_train=len(train),
         num_eval=len(eval_),
+        eval_split=spec.eval_split,
+        version=spec.version(data_dir),
     )
     return info, train, eval_
 

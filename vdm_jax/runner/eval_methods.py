@@ -71,6 +71,8 @@ class EvalMethod:
       per_example_fns: ``EvalSpec ->`` the estimate calls ``gamma_fn`` and ``eps_fn`` on the
         batch's own examples only (not on copies of them), so functions that carry one row
         per example (an input-adaptive model's latent) work.
+      time_sampling: how the estimator picks its times, recorded with every result (the
+        protocol that makes a bits/dim comparable); None for the ODE's adaptive solver.
     """
 
     estimate: Estimator
@@ -81,6 +83,7 @@ class EvalMethod:
     check: Callable[[EvalSpec], list[str]] = lambda settings: []
     prepare: Prepare | None = None
     per_example_fns: Callable[[EvalSpec], bool] = lambda settings: True
+    time_sampling: str | None = None
 
 
 def _elbo_terms(settings: EvalSpec) -> tuple[str, ...]:
@@ -322,7 +325,9 @@ def _adaptive(settings: EvalSpec) -> None:
     del settings
 
 
-def _per_image_elbo_method(estimate: Estimator, prepare: Prepare | None = None) -> EvalMethod:
+def _per_image_elbo_method(
+    estimate: Estimator, time_sampling: str, prepare: Prepare | None = None
+) -> EvalMethod:
     """An ELBO estimator with K times per image in two replicates (K even)."""
     return EvalMethod(
         estimate=estimate,
@@ -332,6 +337,7 @@ def _per_image_elbo_method(estimate: Estimator, prepare: Prepare | None = None) 
         settings=_time_sample_settings,
         check=_even_time_samples,
         prepare=prepare,
+        time_sampling=time_sampling,
     )
 
 
@@ -343,13 +349,23 @@ EVAL_METHODS: dict[str, EvalMethod] = {
         continuous_only=False,
         network_evals_per_image=_time_samples,
         settings=_time_sample_settings,
+        time_sampling="antithetic over the batch, t_i = (u + i / B) mod 1 (the training estimator)",
     ),
     # The same bound, stratified times per image in two replicates: a Monte Carlo error.
-    "elbo_stratified": _per_image_elbo_method(per_image_elbo),
+    "elbo_stratified": _per_image_elbo_method(
+        per_image_elbo, "stratified per image, uniform proposal, 2 replicates"
+    ),
     # The same bound, a randomly shifted even grid of times per image in two replicates.
-    "elbo_shifted": _per_image_elbo_method(shifted_grid_elbo),
+    "elbo_shifted": _per_image_elbo_method(
+        shifted_grid_elbo, "randomly shifted even grid per image, 2 replicates"
+    ),
     # As "elbo_stratified", with t from q(t) fitted on a pilot batch.
-    "elbo_importance": _per_image_elbo_method(per_image_elbo, prepare=fit_time_proposal),
+    "elbo_importance": _per_image_elbo_method(
+        per_image_elbo,
+        f"stratified per image under q(t) fitted on the first batch ({PROPOSAL_BINS} bins), "
+        "2 replicates",
+        prepare=fit_time_proposal,
+    ),
     # The probability-flow ODE's dequantized bound.
     "ode": EvalMethod(
         estimate=probability_flow,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ import tqdm
 from absl import logging
 
 from vdm_jax import diffusion, elbo_estimators, model
-from vdm_jax.runner import checkpoint, data, eval_methods, outputs, sharding, state
+from vdm_jax.runner import checkpoint, data, eval_methods, metrics, results, sharding, state
 from vdm_jax.runner import workdir as workdir_lib
 from vdm_jax.runner.experiment import Experiment
 from vdm_jax.runner.preemption import Preemption
@@ -39,7 +40,7 @@ PILOT_STREAM = 3
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """The whole split's figures.
+    """The whole split's figures and the protocol that produced them.
 
     Attributes:
       method: the ``eval.method``.
@@ -52,6 +53,11 @@ class EvalResult:
         label prior (:attr:`vdm_jax.runner.conditioning.Conditioning.label_nats`).
       settings: the method's settings (:attr:`vdm_jax.runner.eval_methods.EvalMethod.settings`).
       seconds: wall time of the evaluation.
+      estimator: the method, its settings, the time discretisation and time sampling
+        (:func:`vdm_jax.runner.results.protocol`).
+      dataset: name, version, split, number of examples, shape and vocabulary size.
+      seed: the evaluation's seed.
+      batch_size: the global eval batch.
     """
 
     method: str
@@ -59,20 +65,42 @@ class EvalResult:
     values: dict[str, float]
     settings: dict[str, Any]
     seconds: float
+    estimator: dict[str, Any]
+    dataset: dict[str, Any]
+    seed: int
+    batch_size: int
 
     @property
     def bpd(self) -> float:
         return self.values["bpd"]
 
-    def record(self, **context: Any) -> dict[str, Any]:
-        """One flat JSON-able dict: ``context`` (step, dataset, seed), figures, settings."""
+    def protocol(self, step: int, ema: bool = True) -> dict[str, Any]:
+        """What makes this figure comparable (:func:`vdm_jax.runner.results.protocol`)."""
+        return results.protocol(
+            dataset=self.dataset,
+            estimator=self.estimator,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            step=step,
+            ema=ema,
+        )
+
+    def record(self, step: int, ema: bool = True) -> dict[str, Any]:
+        """One JSON-able dict: the figures and settings flat (``bpd``, ``bpd_stderr``, ...),
+        with ``step``, ``dataset``, ``seed``, the nested ``protocol`` and its ``protocol_id``.
+        """
+        spec = self.protocol(step, ema)
         return {
-            **context,
+            "step": step,
+            "dataset": self.dataset["name"],
+            "seed": self.seed,
             "method": self.method,
             "num_examples": self.num_examples,
             **self.values,
             **self.settings,
             "seconds": self.seconds,
+            "protocol": spec,
+            "protocol_id": results.protocol_id(spec),
         }
 
     def scalars(self) -> dict[str, float]:
@@ -81,6 +109,41 @@ class EvalResult:
         scalars["eval/num_examples"] = float(self.num_examples)
         scalars["eval/seconds"] = self.seconds
         return scalars
+
+
+def write(
+    result: EvalResult, workdir: str, step: int, ema: bool = True
+) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+    """Keeps ``result`` as its protocol's record of ``step`` and logs its scalars to the
+    protocol's TensorBoard run (process 0 writes).
+
+    Returns:
+      ``(record, path, previous)``: ``previous`` is the record this one replaced (the same
+      protocol re-run on the same step), else None.
+    """
+    record = result.record(step, ema)
+    if jax.process_index() != 0:
+        return record, "", None
+    path, previous = results.write(record, workdir)
+    writer = metrics.MetricWriter(workdir, run=os.path.join("eval", record["protocol_id"]))
+    writer.write_scalars(step, result.scalars())
+    writer.write_text(step, {"eval/protocol": _markdown(record["protocol"])})
+    writer.close()
+    if previous is not None:
+        logging.warning(
+            "Replaced the earlier record of this protocol at step %d (%s: bpd %.4f) with the "
+            "new one (bpd %.4f).",
+            step,
+            path,
+            previous.get("bpd", float("nan")),
+            result.bpd,
+        )
+    return record, path, previous
+
+
+def _markdown(spec: dict[str, Any]) -> str:
+    """The protocol as a JSON code block (TensorBoard's text dashboard renders markdown)."""
+    return "```\n" + json.dumps(spec, indent=2, sort_keys=True) + "\n```"
 
 
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -197,12 +260,31 @@ class Evaluator:
         if label_nats:
             nats_per_bpd = math.prod(exp.info.shape) * math.log(2)
             values = _with_label_cost(values, label_nats / nats_per_bpd)
+        settings = self.method.settings(exp.eval)
+        estimator = {"method": exp.eval.method, **settings}
+        estimator["time"] = (
+            "continuous" if exp.loss.timesteps == 0 else f"{exp.loss.timesteps} steps"
+        )
+        if self.method.time_sampling is not None:
+            estimator["time_sampling"] = self.method.time_sampling
+        info = exp.info
         return EvalResult(
             method=exp.eval.method,
             num_examples=int(real.sum()),
             values=values,
-            settings=self.method.settings(exp.eval),
+            settings=settings,
             seconds=time.perf_counter() - start,
+            estimator=estimator,
+            dataset={
+                "name": info.name,
+                "version": info.version,
+                "split": info.eval_split,
+                "num_examples": int(real.sum()),
+                "shape": list(info.shape),
+                "vocab_size": info.vocab_size,
+            },
+            seed=exp.seed,
+            batch_size=exp.eval.batch_size,
         )
 
 
@@ -251,26 +333,30 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
     The workdir is checked first (a directory, writable, and its recorded config matching
     the experiment's), so a long evaluation never ends in an unwritable result.
 
-    Writes ``{workdir}/eval_step_{step}.json`` (process 0) and prints the results.
+    Keeps the result as its protocol's record of the step (:func:`write`: another estimator's
+    record is never touched; the same protocol re-run replaces its own, and says so), and
+    prints it.
 
     Returns:
-      The written record: :meth:`EvalResult.record` with ``step``, ``dataset`` and ``seed``.
+      The written record (:meth:`EvalResult.record`).
     """
     workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
     workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     result = Evaluator(exp)(params)
-    record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)
+    record, path, previous = write(result, workdir, step)
     if jax.process_index() == 0:
-        outputs.write_eval_json(record, workdir, step)
         print(json.dumps(record, indent=2, sort_keys=True))
         logging.info(
-            "Step %d: test bpd %.4f +- %.4f%s over %d examples, written to %s.",
+            "Step %d: %s bpd %.4f +- %.4f%s over %d examples, written to %s.",
             step,
+            result.dataset["split"],
             result.bpd,
             result.values["bpd_stderr"],
             _monte_carlo_note(result),
             result.num_examples,
-            workdir,
+            path,
         )
+        if previous is not None:
+            print(f"Replaced the earlier record of {record['protocol_id']} at step {step}.")
     return record

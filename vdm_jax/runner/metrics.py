@@ -2,7 +2,9 @@
 
 :class:`MetricWriter` logs scalars with absl logging and, on process 0 only, writes them and
 images to ``{workdir}/tensorboard`` with tensorboardX (no TensorFlow needed). Names carry
-their group, ``train/bpd``, ``eval/bpd``, ``samples``.
+their group, ``train/bpd``, ``eval/bpd``, ``samples``. Each evaluation protocol writes to a
+run of its own, ``{workdir}/tensorboard/eval/{protocol_id}``
+(:mod:`vdm_jax.runner.results`), so figures of different estimators are never one curve.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from absl import logging
 class MetricWriter:
     """Writes scalars and images; only the chief process (index 0) touches files."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, run: str = "", enabled: bool | None = None):
         """Writes to the event files of ``workdir`` (appending to those of earlier runs).
 
         Args:
-          workdir: the run's directory; events go to ``{workdir}/tensorboard``.
+          workdir: the run's directory; events go to ``{workdir}/tensorboard/{run}``.
+          run: a TensorBoard run below the workdir's (``""``: the training run).
           enabled: write files and console lines; default: this is process 0.
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._directory = os.path.join(workdir, "tensorboard")
+        self._directory = os.path.join(workdir, "tensorboard", run)
         self._writer: Any = None
 
     def _events(self) -> Any:
@@ -60,6 +63,14 @@ class MetricWriter:
             if image.shape[-1] == 1:
                 image = np.repeat(image, 3, axis=-1)
             self._events().add_image(name, image, step, dataformats="HWC")
+        self._events().flush()
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes ``{name: markdown text}`` at ``step`` to TensorBoard's text dashboard."""
+        if not self.enabled:
+            return
+        for name, text in texts.items():
+            self._events().add_text(name, text, step)
         self._events().flush()
 
     def close(self) -> None:

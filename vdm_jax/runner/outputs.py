@@ -1,12 +1,10 @@
-"""What a run writes for people to read: sample grids (PNG), samples (npz), eval JSON."""
+"""What a run writes for people to read: sample grids (PNG) and samples (npz); evaluation
+records are :mod:`vdm_jax.runner.results`'."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -60,11 +58,3 @@ def write_samples(samples: np.ndarray, vocab_size: int, workdir: str, step: int)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path + ".png")
     np.savez(path + ".npz", samples=samples.astype(np.int32))
     return path + ".png"
-
-
-def write_eval_json(record: Mapping[str, Any], workdir: str, step: int) -> str:
-    """Writes ``record`` to ``{workdir}/eval_step_{step}.json``; returns the path."""
-    path = os.path.join(workdir, f"eval_step_{step}.json")
-    with open(path, "w") as f:
-        json.dump(dict(record), f, indent=2, sort_keys=True)
-    return path

@@ -351,7 +351,8 @@ def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> Tra
                 break
             try:
                 if step % t.eval_every == 0:
-                    _evaluate(exp, evaluator, train_state, writer, workdir, step, preempt)
+                    # Kept as its protocol's record, with its own TensorBoard run.
+                    evaluate.write(evaluator(train_state.ema_params, preempt), workdir, step)
                 if step % t.sample_every == 0:
                     _sample(exp, sample_fn, train_state, writer, workdir, step, preempt)
             except preemption.Interrupted:
@@ -392,23 +393,6 @@ def _named_disk_full(error: OSError, workdir: str) -> OSError:
             "Free space (or use another workdir) and resume",
         )
     return error
-
-
-def _evaluate(
-    exp: Experiment,
-    evaluator: evaluate.Evaluator,
-    train_state: TrainState,
-    writer: metrics.MetricWriter,
-    workdir: str,
-    step: int,
-    preempt: preemption.Preemption,
-) -> None:
-    """The whole-split evaluation of the EMA parameters during training, logged and written."""
-    result = evaluator(train_state.ema_params, preempt)
-    writer.write_scalars(step, result.scalars())
-    if jax.process_index() == 0:
-        record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)
-        outputs.write_eval_json(record, workdir, step)
 
 
 def _sample(
