@@ -42,3 +42,4 @@ digits: $(BIN)/.installed
 	$(DIGITS) --mode=train
 	$(DIGITS) --mode=eval
 	$(DIGITS) --mode=sample
+	$(BIN)/python -m experiments.results --workdir=$(WORKDIR)
