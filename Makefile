@@ -12,7 +12,7 @@ WORKDIR ?= workdir/digits
 # uses the accelerator.
 # `make digits DIGITS_XLA_FLAGS=` runs on one device.
 DIGITS_XLA_FLAGS ?= --xla_force_host_platform_device_count=2
-# `make digits DIGITS_CONFIG=configs/digits_v4.py WORKDIR=workdir/digits_v4` trains one
+# `make digits DIGITS_CONFIG=configs/digits.py:v4 WORKDIR=workdir/digits_v4` trains one
 # network instead of two (a workdir keeps the config that wrote it).
 DIGITS_CONFIG ?= configs/digits.py
 DIGITS := XLA_FLAGS="$(XLA_FLAGS) $(DIGITS_XLA_FLAGS)" $(BIN)/python -m experiments.main \

@@ -1,6 +1,6 @@
 """Per-dimension and input-adaptive noise schedules (MuLAN) on the embedded digits.
 
-The second digits default (``configs/digits_v2.py``: eps prediction, uniform training times)
+The second digits default (``configs/digits.py:v2``: eps prediction, uniform training times)
 with its scalar schedule replaced; the same network, optimiser and 4,500 steps, so the
 README's table compares schedules at one budget.
 Pick the variant after a colon::
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import digits_v2
+from configs import digits
 
 VARIANTS = {
     "per_dim": ("per_dim_monotone", 0),
@@ -36,11 +36,12 @@ VARIANTS = {
 
 
 def get_config(variant: str = "adaptive") -> ml_collections.ConfigDict:
-    """The second digits default with the ``variant``'s schedule (a key of :data:`VARIANTS`)."""
+    """The second digits default (``configs/digits.py:v2``) with the ``variant``'s schedule (a
+    key of :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {sorted(VARIANTS)}")
     schedule, latent_dim = VARIANTS[variant]
-    config = digits_v2.get_config()
+    config = digits.get_config("v2")
     config.model.schedule = schedule
     config.model.schedule_width = 16  # The monotone interior's basis, per pixel.
     config.model.schedule_grad = "variance"  # The time warp on the variance, paths on the ELBO.

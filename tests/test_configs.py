@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
+import pathlib
 
 import jax
 import pytest
@@ -11,23 +13,27 @@ from absl import flags
 from ml_collections import config_flags
 from runner_helpers import REPO, tiny_config, train_run
 
+from configs import digits
 from vdm_jax import unet
 from vdm_jax.runner import config_validation, data, experiment, state
 
-CONFIGS = (
-    "base",
-    "cifar10",
-    "cifar10_aug",
-    "imagenet32",
-    "imagenet64",
-    "digits",
-    "digits_v1",
-    "digits_v2",
-    "digits_v3",
-    "digits_v4",
-    "digits_ensemble",
-    "test",
-)
+CONFIG_DIR = pathlib.Path(REPO) / "configs"
+CONFIG_FILES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# What each config may import besides configs.base: digits_mulan starts from a digits variant.
+ALLOWED_CONFIG_IMPORTS = {"digits_mulan": {"configs.digits"}}
+
+
+def _specs() -> list[tuple[str, str | None]]:
+    """Every (config file, variant) pair: each file's default (None) and its ``VARIANTS``."""
+    specs = []
+    for name in CONFIG_FILES:
+        specs.append((name, None))
+        module = importlib.import_module(f"configs.{name}")
+        specs.extend((name, variant) for variant in getattr(module, "VARIANTS", {}))
+    return specs
+
+
+SPECS = _specs()
 # Facts of the TFDS datasets, so that no data has to be present to check their configs.
 INFOS = {
     "cifar10": data.DatasetInfo("cifar10", (32, 32, 3), 256, 10, 50000, 10000),
@@ -37,18 +43,81 @@ INFOS = {
 }
 
 
-def load(name: str):
-    return importlib.import_module(f"configs.{name}").get_config()
+def load(name: str, variant: str | None = None):
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config(variant) if variant else module.get_config()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_is_valid_and_documented(name):
-    config = load(name)
+def test_every_config_file_and_variant_is_checked():
+    assert {"base", "digits", "digits_mulan", "test", "cifar10", "imagenet64"} <= set(CONFIG_FILES)
+    assert {v for n, v in SPECS if n == "digits"} == {None, "v4", "ensemble_b64", "v3", "v2", "v1"}
+
+
+@pytest.mark.parametrize(("name", "variant"), SPECS, ids=[f"{n}:{v or ''}" for n, v in SPECS])
+def test_config_is_valid_and_documented(name, variant):
+    config = load(name, variant)
     module = importlib.import_module(f"configs.{name}")
     config_validation.validate(config, num_devices=8, process_count=1, info=INFOS[config.data.name])
     if name != "base":
         assert "python -m experiments.main" in module.__doc__
         assert "bpd" in module.__doc__
+    if variant:  # The module docstring's list of variants has a line for it.
+        assert f"\n  {variant}: " in module.__doc__
+
+
+def _imported_configs(path: pathlib.Path) -> set[str]:
+    """The ``configs.*`` modules that ``path`` imports; a relative import counts as one."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # Relative: from within configs/.
+                module = f"configs.{module}" if module else "configs"
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+            names.add(module)
+    return {n for n in names if n.startswith("configs.")}
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_configs_derive_from_base_only(name):
+    """Each config states its values against configs/base.py: no chain of configs to read."""
+    allowed = {"configs.base"} | ALLOWED_CONFIG_IMPORTS.get(name, set())
+    extra = {
+        n
+        for n in _imported_configs(CONFIG_DIR / f"{name}.py")
+        if not any(n == a or n.startswith(f"{a}.") for a in allowed)
+    }
+    assert not extra, f"configs/{name}.py imports {sorted(extra)}; only configs.base is allowed"
+
+
+def test_the_import_check_sees_other_configs(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from configs import base, digits\nimport configs.test\nfrom . import cifar10\n")
+    assert _imported_configs(bad) == {
+        "configs.base",
+        "configs.digits",
+        "configs.test",
+        "configs.cifar10",
+    }
+
+
+def test_digits_variants_and_unknown_ones():
+    default = load("digits")
+    assert (default.model.ensemble_size, default.training.batch_size) == (2, 48)
+    assert default.optimizer.learning_rate == 2.6e-3
+    v4 = load("digits", "v4")
+    assert (v4.model.ensemble_size, v4.training.batch_size) == (1, 64)
+    for variant, changes in digits.VARIANTS.items():
+        config = load("digits", variant).to_dict()
+        for path, value in changes.items():
+            section, field = path.split(".")
+            assert config[section][field] == value, (variant, path)
+    with pytest.raises(ValueError, match=r"unknown variant 'v5'.*allowed: \['ensemble_b64', 'v1'"):
+        digits.get_config("v5")
+    with pytest.raises(KeyError, match=r"model\.chanels is not a config field"):
+        digits.override(digits.get_config(), {"model.chanels": 8})
 
 
 def test_derived_configs_change_only_a_few_fields():
@@ -101,6 +170,20 @@ def test_command_line_overrides():
     assert config.model.schedule == "fixed_linear"
     assert config.optimizer.grad_clip_norm == 1.0
     assert config.data.name == "digits"
+
+
+def test_a_variant_comes_after_a_colon():
+    argv = [
+        "prog",
+        f"--config={os.path.join(REPO, 'configs', 'digits.py')}:v4",
+        "--config.training.num_steps=10",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+    values(argv)
+    expected = load("digits", "v4")
+    expected.training.num_steps = 10
+    assert values.config.to_dict() == expected.to_dict()
 
 
 @pytest.mark.parametrize(
