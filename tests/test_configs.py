@@ -160,10 +160,6 @@ def test_command_line_overrides():
             {"model.ensemble_size": 2, "optimizer.grad_clip_norm": 1.0},
             r"config\.optimizer\.grad_clip_norm=1\.0: a global norm .* couple",
         ),
-        (
-            {"model.ensemble_size": 2, "eval.reference_checkpoint": "/ckpt"},
-            r"config\.eval\.reference_checkpoint='/ckpt' holds one score network",
-        ),
     ],
 )
 def test_bad_values_are_named(overrides, message):

@@ -2,9 +2,11 @@
 
 The reference code published two CIFAR-10 checkpoints (its README: ``--mode=eval`` reports
 ``eval_bpd=2.637`` without and ``2.522`` with augmentation); see :data:`CHECKPOINTS`. This
-module reads them without TensorFlow and converts their parameters into the parameter tree of
-:class:`vdm_jax.model.VDM`, built with the options of :func:`score_net_kwargs` and
-:func:`schedule_spec`, so that our model computes the same function.
+module reads them without TensorFlow, converts their parameters into the parameter tree of
+:class:`vdm_jax.model.VDM` built with the options of :func:`model_overrides` (so that our
+model computes the same function), and :func:`import_checkpoint` writes one, once, into a
+new workdir (``experiments/import_reference.py``), which the runner then evaluates, samples
+and trains like any other. Nothing else in the runner knows about reference checkpoints.
 
 **On-disk format** (CommonLoopUtils ``clu.checkpoint.Checkpoint``, which the reference uses
 through ``MultihostCheckpoint(workdir/checkpoints)``: host 0 writes the directory
@@ -66,10 +68,13 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax
-import jax.numpy as jnp
+import jax
+import ml_collections
 import numpy as np
+from absl import logging
 
-from vdm_jax import model, schedules, unet
+from vdm_jax.runner import checkpoint, data, experiment, state
+from vdm_jax.runner import workdir as workdir_lib
 
 Params = dict[str, Any]
 
@@ -223,7 +228,7 @@ def schedule_spec(
     arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
 ) -> tuple[str, dict[str, Any]]:
     """``(name, kwargs)`` for :func:`vdm_jax.schedules.make_schedule` (the fixed schedule's
-    ``gamma_min`` / ``gamma_max`` are not stored in a checkpoint: pass the config's)."""
+    ``gamma_min`` / ``gamma_max`` are not stored in a checkpoint)."""
     kwargs: dict[str, Any] = {"gamma_min": gamma_min, "gamma_max": gamma_max}
     if arch.gamma_type == "learnable_scalar":
         return "learned_linear", kwargs
@@ -255,30 +260,6 @@ def model_overrides(
         overrides["schedule_width"] = kwargs["width"]
         overrides["schedule_grad"] = "elbo"
     return overrides
-
-
-def build_model(
-    arch: ReferenceArchitecture,
-    *,
-    num_classes: int = 0,
-    gamma_min: float = GAMMA_MIN,
-    gamma_max: float = GAMMA_MAX,
-    dtype: Any = jnp.float32,
-) -> model.VDM:
-    """Our :class:`vdm_jax.model.VDM` that computes the reference model's function.
-
-    Args:
-      arch: from :func:`infer_architecture`.
-      num_classes: 0 (unconditional, flag always 0) or the number of labels the model is
-        called with (e.g. 8 D4 elements; the flag is ``label != 0``).
-      gamma_min, gamma_max: the reference config's values.
-      dtype: compute dtype of the score network.
-    """
-    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
-    net = unet.ScoreUNet(
-        **score_net_kwargs(arch, gamma_min, gamma_max), num_classes=num_classes, dtype=dtype
-    )
-    return model.VDM(schedules.make_schedule(name, **kwargs), net)
 
 
 class _Reader:
@@ -557,3 +538,104 @@ def restore_reference(path: str) -> RestoredReference:
         step=int(np.asarray(state.get("step", 0))),
         arch=arch,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing a checkpoint into a workdir.
+
+# The reference's conditioning input is the augmentation flag: no other conditioning fits it.
+CONDITIONINGS = ("none", "augmentation")
+
+
+def config_mismatches(config: ml_collections.ConfigDict, arch: ReferenceArchitecture) -> list[str]:
+    """The ``--config.model.X=V`` flags that would make ``config``'s model ``arch``'s (every
+    :func:`model_overrides` field, and one score network); empty when it already is."""
+    wanted = {**model_overrides(arch), "ensemble_size": 1}
+    return [f"--config.model.{k}={v}" for k, v in wanted.items() if config.model.get(k) != v]
+
+
+def _shape_mismatches(expected: Params, converted: Params) -> list[str]:
+    """Leaves of ``converted`` whose path or shape is not that of ``expected`` (shapes)."""
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in _leaves(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in _leaves(converted)}
+    return [
+        f"{key}: {got.get(key, 'absent')} in the checkpoint, {want.get(key, 'absent')} in the model"
+        for key in sorted(want.keys() | got.keys())
+        if want.get(key) != got.get(key)
+    ]
+
+
+def _leaves(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def import_checkpoint(
+    path: str,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    info: data.DatasetInfo | None = None,
+) -> int:
+    """Writes reference checkpoint ``path`` into the new ``workdir`` as a run of ``config``.
+
+    The workdir then holds what training would have written: the config record and an orbax
+    checkpoint at the reference's step, whose ``params`` and ``ema_params`` are the
+    reference's (converted) and whose optimizer state, PRNG key and other fields are a fresh
+    state's (Adam's moments and count at zero: resuming training restarts the warmup).
+    Everything is checked before anything is written.
+
+    Args:
+      path: see :func:`find_flax_file`.
+      config: an experiment config whose model is the checkpoint's (:func:`model_overrides`;
+        ``configs/cifar10.py:reference`` and ``configs/cifar10_aug.py:reference`` describe
+        the released ones).
+      workdir: absent or empty.
+      info: the dataset's facts, if already known (default: opened from ``config.data``).
+
+    Returns:
+      The checkpoint's step.
+
+    Raises:
+      workdir.WorkdirError: if ``workdir`` is a file, not empty, or cannot be written.
+      FileNotFoundError, ReferenceCheckpointError: if ``path`` is not a reference checkpoint,
+        or its model is not ``config``'s (naming the flags that would make it so).
+      config_validation.ConfigError: if ``config`` is invalid.
+    """
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise workdir_lib.WorkdirError(
+            f"workdir {workdir!r} is not empty (it holds {sorted(os.listdir(workdir))[:5]}); "
+            "import into a new one"
+        )
+    restored = restore_reference(path)
+    wrong = config_mismatches(config, restored.arch)
+    if wrong:
+        raise ReferenceCheckpointError(
+            f"the config's model is not that of {path!r}; add {' '.join(wrong)} (the released "
+            "checkpoints: --config=configs/cifar10.py:reference or cifar10_aug.py:reference)"
+        )
+    if config.model.conditioning not in CONDITIONINGS:
+        raise ReferenceCheckpointError(
+            f"config.model.conditioning={config.model.conditioning!r}: a reference checkpoint "
+            f"is conditioned on the augmentation flag only (allowed: {CONDITIONINGS})"
+        )
+    exp = experiment.build(config, info=info)
+    shapes = state.state_shapes(exp)
+    wrong = _shape_mismatches(shapes.params, restored.params)
+    if wrong:
+        raise ReferenceCheckpointError(
+            f"the parameters of {path!r} do not fit the config's model (dataset "
+            f"{exp.info.name!r}, images {exp.info.shape}): {'; '.join(wrong[:4])}"
+        )
+    workdir_lib.prepare(workdir, create=True)
+    layout = state.state_shardings(exp, shapes)
+    train_state = state.create_train_state(exp).replace(
+        step=jax.device_put(np.int32(restored.step), layout.step),
+        params=jax.device_put(restored.params, layout.params),
+        ema_params=jax.device_put(restored.ema_params, layout.ema_params),
+    )
+    with checkpoint.make_manager(workdir, max_to_keep=exp.training.max_to_keep) as manager:
+        checkpoint.save(manager, train_state, restored.step)
+        manager.wait_until_finished()
+    workdir_lib.write_config_record(exp, workdir)
+    logging.info("Imported %s (step %d) into %s.", path, restored.step, workdir)
+    return restored.step
