@@ -17,6 +17,7 @@ not, the import names the ``--config.model`` flags that would make it so.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -51,6 +52,10 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise app.UsageError(f"expected CKPT and WORKDIR, got {argv[1:]}")
     ckpt, target = argv[1:]
+    # Orbax logs each step of a save; its warnings stay.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    )
     try:
         step = reference.import_checkpoint(ckpt, _CONFIG.value, target)
     except CLEAR_ERRORS as e:

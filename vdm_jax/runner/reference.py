@@ -199,16 +199,23 @@ def infer_architecture(reference_params: Mapping[str, Any]) -> ReferenceArchitec
     )
 
 
-def score_net_kwargs(
+def model_overrides(
     arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
 ) -> dict[str, Any]:
-    """Keyword arguments of :class:`vdm_jax.unet.ScoreUNet` for the reference function.
+    """``config.model`` fields (by name) that make the runner build the reference function.
 
-    ``gamma_min`` / ``gamma_max`` are the reference config's (only used to rescale gamma_t;
-    -13.3 and 5 in all its configs). Dropout (0.1 for CIFAR-10, 0.05 with augmentation in the
-    reference configs) is not stored in a checkpoint and does not matter for evaluation.
+    The score network's sizes and layout, the schedule (``learned_linear``,
+    ``reference_net`` with its width and ``schedule_grad = "elbo"``, or ``fixed_linear``),
+    ``timesteps = 0`` (continuous time, as in the released configs) and
+    ``parameterization = "eps"``. ``gamma_min`` / ``gamma_max`` are the reference config's
+    (-13.3 and 5 in all its configs; they rescale gamma_t for the time embedding, and are
+    the fixed schedule's, stored in no checkpoint). Dropout (0.1 for CIFAR-10, 0.05 with
+    augmentation in the reference configs) is not stored in a checkpoint and does not matter
+    for evaluation. ``conditioning`` stays the config's: ``"none"`` for ``cifar10``,
+    ``"augmentation"`` for ``cifar10_aug`` (both evaluate with the flag 0, as the reference
+    does).
     """
-    return dict(
+    overrides: dict[str, Any] = dict(
         num_blocks=arch.num_blocks,
         channels=arch.channels,
         attention="all" if arch.with_attention else "middle",
@@ -221,44 +228,17 @@ def score_net_kwargs(
         num_groups=NUM_GROUPS,
         min_group_size=1,
         add_z_to_eps=True,
+        timesteps=0,
+        parameterization="eps",
     )
-
-
-def schedule_spec(
-    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
-) -> tuple[str, dict[str, Any]]:
-    """``(name, kwargs)`` for :func:`vdm_jax.schedules.make_schedule` (the fixed schedule's
-    ``gamma_min`` / ``gamma_max`` are not stored in a checkpoint)."""
-    kwargs: dict[str, Any] = {"gamma_min": gamma_min, "gamma_max": gamma_max}
     if arch.gamma_type == "learnable_scalar":
-        return "learned_linear", kwargs
-    if arch.gamma_type == "learnable_nnet":
-        return "reference_net", {**kwargs, "width": arch.gamma_width}
-    return "fixed_linear", kwargs
-
-
-def model_overrides(
-    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
-) -> dict[str, Any]:
-    """``config.model`` fields (by name) that make the runner build the reference function.
-
-    Score-network fields as in :func:`score_net_kwargs` plus ``schedule`` (and
-    ``schedule_width`` for ``reference_net``), ``timesteps = 0`` (continuous time, as in the
-    released configs), ``parameterization = "eps"`` and, for ``reference_net``,
-    ``schedule_grad = "elbo"``.
-    ``conditioning`` stays the config's: ``"none"`` for ``cifar10``, ``"augmentation"`` for
-    ``cifar10_aug`` (both evaluate with the flag 0, as the reference does).
-    """
-    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
-    overrides = {
-        **score_net_kwargs(arch, gamma_min, gamma_max),
-        "schedule": name,
-        "timesteps": 0,
-        "parameterization": "eps",
-    }
-    if name == "reference_net":
-        overrides["schedule_width"] = kwargs["width"]
-        overrides["schedule_grad"] = "elbo"
+        overrides["schedule"] = "learned_linear"
+    elif arch.gamma_type == "learnable_nnet":
+        overrides.update(
+            schedule="reference_net", schedule_width=arch.gamma_width, schedule_grad="elbo"
+        )
+    else:
+        overrides["schedule"] = "fixed_linear"
     return overrides
 
 
@@ -331,7 +311,8 @@ def convert_params(
       arch: the architecture, if known; else read off the tree (:func:`infer_architecture`).
 
     Returns:
-      Float32 numpy arrays in the tree of ``build_model(arch).init(...)["params"]``
+      Float32 numpy arrays in the tree of the parameters of the model that
+      :func:`model_overrides` configures
       (``schedule`` absent for the fixed schedule).
 
     Raises:
@@ -514,7 +495,7 @@ class RestoredReference(NamedTuple):
       params: the trained parameters, ``{"score_net": ..., "schedule": ...}``.
       ema_params: their EMA (what the reference evaluates and samples with).
       step: the training step of the checkpoint.
-      arch: the reference architecture (see :func:`build_model`, :func:`model_overrides`).
+      arch: the reference architecture (see :func:`model_overrides`).
     """
 
     params: Params
@@ -556,17 +537,14 @@ def config_mismatches(config: ml_collections.ConfigDict, arch: ReferenceArchitec
 
 def _shape_mismatches(expected: Params, converted: Params) -> list[str]:
     """Leaves of ``converted`` whose path or shape is not that of ``expected`` (shapes)."""
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in _leaves(expected)}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in _leaves(converted)}
+    leaves = jax.tree_util.tree_leaves_with_path
+    want = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves(converted)}
     return [
         f"{key}: {got.get(key, 'absent')} in the checkpoint, {want.get(key, 'absent')} in the model"
         for key in sorted(want.keys() | got.keys())
         if want.get(key) != got.get(key)
     ]
-
-
-def _leaves(tree: Any) -> list[tuple[Any, Any]]:
-    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def import_checkpoint(
