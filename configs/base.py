@@ -30,8 +30,7 @@ Fields:
   training.*: global batch size, number of steps, and how often (in steps) to log, evaluate,
     draw samples and save checkpoints; the last ``max_to_keep`` checkpoints are kept.
   eval.*: global batch size, method (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` entry) and
-    its settings for the whole-split bpd; ``reference_checkpoint`` evaluates a released
-    reference checkpoint.
+    its settings for the whole-split bpd.
   sample.*: number of samples, global batch, sampler steps, sampler and decoding (names of
     :data:`vdm_jax.samplers.SAMPLER_NAMES` and :data:`vdm_jax.samplers.DECODERS`), and the
     adaptive ODE sampler's tolerance.
@@ -87,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_groups = 32
     config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
     config.model.remat = False
-    # Reference-layout options (vdm_jax.runner.reference sets them to load released checkpoints).
+    # Reference-layout options: the model of a released google-research/vdm checkpoint sets
+    # them (configs/cifar10.py:reference; experiments/import_reference.py).
     config.model.label_input = "embed"  # "embed": label embedding; "flag": reference's flag.
     config.model.min_group_size = 4  # GroupNorm channels per group, at least.
     config.model.add_z_to_eps = False  # The reference predicts eps_hat = net(z) + z.
@@ -154,8 +154,6 @@ def get_config() -> ml_collections.ConfigDict:
     # tighter bound, as MuLAN reports with 20 draws; needs ode_divergence "exact"); False:
     # the mean of the per-draw bounds.
     config.eval.ode_importance_weighted = False
-    # A released google-research/vdm checkpoint to evaluate instead of the workdir's.
-    config.eval.reference_checkpoint = config_dict.placeholder(str)
 
     config.sample = ml_collections.ConfigDict()
     config.sample.num_samples = 64

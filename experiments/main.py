@@ -23,7 +23,6 @@ from vdm_jax.runner import (
     evaluate,
     experiment,
     preemption,
-    reference,
     sampling,
     sharding,
     train,
@@ -71,7 +70,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 CLEAR_ERRORS = (
     config_validation.ConfigError,
     workdir.WorkdirError,
-    reference.ReferenceCheckpointError,
     FileNotFoundError,
     FloatingPointError,
 )

@@ -243,10 +243,6 @@ def test_a_variant_comes_after_a_colon():
             {"model.ensemble_size": 2, "optimizer.grad_clip_norm": 1.0},
             r"config\.optimizer\.grad_clip_norm=1\.0: a global norm .* couple",
         ),
-        (
-            {"model.ensemble_size": 2, "eval.reference_checkpoint": "/ckpt"},
-            r"config\.eval\.reference_checkpoint='/ckpt' holds one score network",
-        ),
     ],
 )
 def test_bad_values_are_named(overrides, message):

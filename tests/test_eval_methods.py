@@ -1,19 +1,15 @@
-"""Evaluation methods of the runner: per-image time sampling, importance sampling, the ODE
-bound, and released reference checkpoints, each through ``Evaluator``/``run_eval``."""
-
-import os
+"""Evaluation methods of the runner: per-image time sampling, importance sampling and the ODE
+bound, each through ``Evaluator``/``run_eval``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from gaussian import exact_eps_fn
-from runner_helpers import eval_record, eval_run, tiny_config
-from test_reference import _layout, _random_tree, _write_clu_checkpoint
+from runner_helpers import tiny_config
 
 from vdm_jax import diffusion, ode_likelihood
-from vdm_jax.runner import config_validation, eval_methods, evaluate, experiment, reference, state
+from vdm_jax.runner import config_validation, eval_methods, evaluate, experiment, state
 
 
 def _perturbed_state(config):
@@ -53,10 +49,10 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
         config = tiny_config(**{"eval.method": method, "eval.num_time_samples": 4})
         exp, params = _perturbed_state(config)
         evaluator = evaluate.Evaluator(exp)
-        results[method] = evaluator(params).record(step=0)
+        results[method] = evaluator(params).record()
     # A second evaluation (as during training) reuses the compiled pilot of q(t).
     compiled_pilots = evaluator.prepare._cache_size()
-    again = evaluator(params).record(step=0)
+    again = evaluator(params).record()
     assert evaluator.prepare._cache_size() == compiled_pilots == 1
     assert again["bpd"] == results["elbo_importance"]["bpd"]
     strat, imp = results["elbo_stratified"], results["elbo_importance"]
@@ -89,7 +85,7 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
         }
     )
     exp, params = _perturbed_state(config)
-    r = evaluate.Evaluator(exp)(params).record(step=0)
+    r = evaluate.Evaluator(exp)(params).record()
     assert r["method"] == "ode" and r["num_examples"] == 297
     assert np.isfinite(r["bpd"]) and r["bpd"] > 0
     assert r["num_function_evals"] > 6 and r["ode_rtol"] == 1e-2
@@ -133,39 +129,6 @@ def test_eval_settings_are_validated():
     ):
         with pytest.raises(config_validation.ConfigError, match=field):
             config_validation.validate(tiny_config(**overrides), num_devices=1, process_count=1)
-
-
-@pytest.mark.slow
-def test_reference_checkpoint_eval_uses_its_ema_parameters(tmp_path):
-    """``--mode=eval`` with ``eval.reference_checkpoint``: the model takes the checkpoint's
-    architecture, and the EMA parameters (not the raw ones) are evaluated."""
-    layout = _layout(32, 1, False, True, "learnable_scalar", gamma_width=4)
-    params, ema_params = _random_tree(layout, 0), _random_tree(layout, 1)
-    ckpt = str(tmp_path / "ref")
-    _write_clu_checkpoint(ckpt, 3, params, ema_params, step=1234)
-    config = tiny_config(
-        **{
-            "data.name": "cifar10",
-            "data.vocab_size": 256,
-            "eval.batch_size": 8,
-            "eval.reference_checkpoint": ckpt,
-        }
-    )
-    workdir = str(tmp_path / "work")
-    os.makedirs(workdir)
-    with tfds.testing.mock_data(num_examples=12):
-        record = eval_run(config, workdir, devices=jax.devices()[:1])
-        assert record["step"] == 1234 and record["num_examples"] == 12
-        exp = experiment.build(config, jax.devices()[:1])
-        assert exp.model.label_input == "flag" and exp.model.add_z_to_eps
-        # The caller's config is not changed; only the experiment takes the architecture.
-        assert config.model.label_input == "embed" and not config.model.add_z_to_eps
-        restored = reference.restore_reference(ckpt)
-        evaluator = evaluate.Evaluator(exp)
-        for which, expect_equal in ((restored.ema_params, True), (restored.params, False)):
-            r = evaluator(which)
-            assert np.isclose(r.bpd, record["bpd"], rtol=1e-6) == expect_equal
-    assert eval_record(workdir, 1234)["bpd"] == record["bpd"]
 
 
 def test_shifted_grid_elbo_is_unbiased_and_reports_its_monte_carlo_error():

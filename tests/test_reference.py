@@ -1,4 +1,4 @@
-"""Loading checkpoints of the reference VDM code (google-research/vdm) into our model.
+"""Importing checkpoints of the reference VDM code (google-research/vdm) into a workdir.
 
 The released checkpoints cannot be downloaded here, so each test writes a checkpoint in the
 reference's on-disk format itself: a parameter tree with the reference's names and shapes
@@ -6,31 +6,52 @@ reference's on-disk format itself: a parameter tree with the reference's names a
 (``flax.serialization.to_bytes`` of its ``TrainState`` into ``ckpt-N.flax``, next to the
 ``checkpoint`` index TensorFlow's CheckpointManager writes). The loaded model is compared with
 an independent re-derivation of the reference forward pass, written below in float64 numpy
-from the reference's math: score network, noise schedule and the negative-ELBO terms.
+from the reference's math: score network, noise schedule and the negative-ELBO terms. The
+model compared is the runner's, restored from the workdir the checkpoint was imported into.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
+from runner_helpers import REPO, eval_record, eval_run, subprocess_env, tiny_config, train_run
 
+from configs import cifar10, cifar10_aug
 from vdm_jax import model, schedules, unet
-from vdm_jax.runner import reference
+from vdm_jax.runner import (
+    checkpoint,
+    config_validation,
+    data,
+    evaluate,
+    experiment,
+    reference,
+    sampling,
+    state,
+    workdir,
+)
 
 B, HW, C, K = 4, 8, 3, 256
 # 64 channels: the reference's 32 GroupNorm groups then hold 2 channels each, so that the
 # conditioning (a per-channel shift before GroupNorm) is not erased and is tested too.
 N = 64
+# The facts of a CIFAR-10-like dataset of B x B images, so that no data has to be present.
+INFO = data.DatasetInfo("cifar10", (HW, HW, C), K, 10, 64, 64)
 
 # ---------------------------------------------------------------------------------------------
 # The reference parameter layout, with random values.
@@ -140,10 +161,10 @@ def _write_clu_checkpoint(directory, number: int, params, ema_params, step: int)
     """
     os.makedirs(directory, exist_ok=True)
     tx = optax.adamw(2e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01)
-    state = _ReferenceTrainState(step, params, ema_params, tx.init(params), tx_fn=None)
+    ref_state = _ReferenceTrainState(step, params, ema_params, tx.init(params), tx_fn=None)
     prefix = os.path.join(directory, f"ckpt-{number}")
     with open(f"{prefix}.flax", "wb") as f:
-        f.write(flax.serialization.to_bytes(state))
+        f.write(flax.serialization.to_bytes(ref_state))
     for suffix in (".index", ".data-00000-of-00001"):
         open(prefix + suffix, "wb").close()
     numbers = sorted(int(name[5:-5]) for name in os.listdir(directory) if name.endswith(".flax"))
@@ -304,6 +325,15 @@ def _negative_elbo(p, x, t, eps, eps_0, conditioning, fourier=True):
     }
 
 
+def _reference_config(
+    arch: reference.ReferenceArchitecture, **overrides: Any
+) -> ml_collections.ConfigDict:
+    """``configs/test.py`` on 8-bit, 3-channel images, with ``arch``'s model."""
+    model_fields = {f"model.{k}": v for k, v in reference.model_overrides(arch).items()}
+    cifar = {"data.name": "cifar10", "data.vocab_size": K}
+    return tiny_config(**cifar, **model_fields, **overrides)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests.
 
@@ -339,12 +369,13 @@ def test_checkpoint_computes_the_reference_function(tmp_path, case):
     )
     params, ema_params = _random_tree(layout, seed=1), _random_tree(layout, seed=2)
     older = _random_tree(layout, seed=3)
-    _write_clu_checkpoint(tmp_path, 1, older, older, step=10)
-    _write_clu_checkpoint(tmp_path, 2, params, ema_params, step=20)
+    ckpt = str(tmp_path / "ref")
+    _write_clu_checkpoint(ckpt, 1, older, older, step=10)
+    _write_clu_checkpoint(ckpt, 2, params, ema_params, step=20)
 
-    raw = reference.load_reference_checkpoint(str(tmp_path))
+    raw = reference.load_reference_checkpoint(ckpt)
     assert set(raw) == {"step", "params", "ema_params", "opt_state"} and raw["step"] == 20
-    restored = reference.restore_reference(str(tmp_path))
+    restored = reference.restore_reference(ckpt)
     arch = restored.arch
     assert (arch.channels, arch.num_blocks, arch.image_channels) == (N, spec["layers"], C)
     assert (arch.with_attention, arch.fourier_features, arch.gamma_type) == (
@@ -358,11 +389,18 @@ def test_checkpoint_computes_the_reference_function(tmp_path, case):
         params_ours["score_net"]["conv_in"]["kernel"], ema_ours["score_net"]["conv_in"]["kernel"]
     )
 
+    # Imported into a workdir; the runner's model, and the EMA parameters it evaluates with.
     labels = spec["labels"]
-    num_classes = 8 if labels is not None else 0
-    vdm = reference.build_model(arch, num_classes=num_classes)
+    augmented = {"data.augment": True, "model.conditioning": "augmentation"}
+    config = _reference_config(arch, **(augmented if labels is not None else {}))
+    work = str(tmp_path / "work")
+    assert reference.import_checkpoint(ckpt, config, work, info=INFO) == 20
+    exp = experiment.build(config, jax.devices()[:1], info=INFO)
+    ours, step = checkpoint.restore_eval_params(exp, work)
+    assert step == 20
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, restored.ema_params)
+    vdm = exp.vdm
     ref = _f64(ema_params)
-    ours = restored.ema_params
 
     # The converted tree is exactly our model's tree: same names, shapes and dtypes.
     rng = np.random.default_rng(0)
@@ -533,6 +571,14 @@ def test_model_overrides_for_released_checkpoints():
     )
     assert nnet["schedule"] == "reference_net" and nnet["schedule_width"] == 1024
     assert nnet["attention"] == "all" and nnet["schedule_grad"] == "elbo"
+    # The configs' "reference" variants are the released checkpoints' models (the reference's
+    # configs/cifar10.py and cifar10_aug.py: 128 and 320 channels); the defaults are not.
+    aug = dataclasses.replace(arch, channels=320)
+    assert reference.config_mismatches(cifar10.get_config("reference"), arch) == []
+    assert reference.config_mismatches(cifar10_aug.get_config("reference"), aug) == []
+    assert "--config.model.label_input=flag" in reference.config_mismatches(
+        cifar10.get_config(), arch
+    )
 
 
 def test_reference_net_schedule_init_and_monotone():
@@ -550,3 +596,162 @@ def test_reference_net_schedule_init_and_monotone():
     t = jnp.linspace(0.0, 1.0, 101)
     assert jnp.all(jnp.diff(sched.apply({"params": params}, t)) > 0)
     assert sched.apply({"params": params}, jnp.zeros((2, 3))).shape == (2, 3)
+
+
+def _imported_pair(tmp_path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A small reference checkpoint at step 1234: ``(path, params, ema_params)``."""
+    layout = _layout(32, 1, False, True, "learnable_scalar", gamma_width=4)
+    params, ema_params = _random_tree(layout, 0), _random_tree(layout, 1)
+    ckpt = str(tmp_path / "ref")
+    _write_clu_checkpoint(ckpt, 3, params, ema_params, step=1234)
+    return ckpt, params, ema_params
+
+
+def test_import_writes_a_workdir_the_runner_restores(tmp_path):
+    ckpt, _, _ = _imported_pair(tmp_path)
+    restored = reference.restore_reference(ckpt)
+    config = _reference_config(restored.arch)
+    work = str(tmp_path / "work")
+    assert reference.import_checkpoint(ckpt, config, work, info=INFO) == 1234
+    assert sorted(os.listdir(work)) == ["checkpoints", workdir.RECORD]
+    exp = experiment.build(config, jax.devices()[:1], info=INFO)
+    with open(os.path.join(work, workdir.RECORD)) as f:
+        assert json.load(f) == workdir.config_record(exp)
+    workdir.check_config_record(exp, work)
+    # The whole train state, verified against its digest: the reference's parameters and EMA
+    # parameters, at its step; a fresh optimizer state (Adam's count and moments at zero).
+    train_state = checkpoint.restore_latest(work, state.abstract_train_state(exp))
+    assert int(train_state.step) == 1234
+    jax.tree_util.tree_map(np.testing.assert_array_equal, train_state.params, restored.params)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, train_state.ema_params, restored.ema_params
+    )
+    fresh = state.create_train_state(exp)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, train_state.opt_state, fresh.opt_state)
+    # Once only: the workdir now holds a run.
+    with pytest.raises(workdir.WorkdirError, match="is not empty"):
+        reference.import_checkpoint(ckpt, config, work, info=INFO)
+
+
+def test_import_refuses_in_one_line_before_writing_anything(tmp_path):
+    ckpt, _, _ = _imported_pair(tmp_path)
+    arch = reference.restore_reference(ckpt).arch
+    work = str(tmp_path / "work")
+    garbage = tmp_path / "ckpt-3.flax"
+    garbage.write_bytes(b"\x93not msgpack at all" * 10)
+    grey = data.DatasetInfo("cifar10", (HW, HW, 1), K, 10, 64, 64)
+    plain = tiny_config(**{"data.name": "cifar10", "data.vocab_size": K})
+    for error, match, changes in (
+        # Not a reference checkpoint.
+        (FileNotFoundError, "no reference checkpoint", {"path": str(tmp_path / "nowhere")}),
+        (reference.ReferenceCheckpointError, "does not decode", {"path": str(garbage)}),
+        # A config whose model is not the checkpoint's: the flags that would make it so.
+        (
+            reference.ReferenceCheckpointError,
+            r"not that of .*ref'; add --config\.model\.channels=32 .*--config\.model\.label_inp",
+            {"config": plain},
+        ),
+        (
+            reference.ReferenceCheckpointError,
+            r"add --config\.model\.ensemble_size=1 ",
+            {"config": _reference_config(arch, **{"model.ensemble_size": 2})},
+        ),
+        (
+            reference.ReferenceCheckpointError,
+            r"conditioning='label': .* the augmentation flag only",
+            {"config": _reference_config(arch, **{"model.conditioning": "label"})},
+        ),
+        # Images whose channels are not the checkpoint's; a file for a workdir.
+        (
+            reference.ReferenceCheckpointError,
+            r"do not fit the config's model .*\(8, 8, 1\).*conv_in.*kernel.*: \(3, 3, 15, 32\) in",
+            {"info": grey},
+        ),
+        (workdir.WorkdirError, "is a file", {"target": str(garbage)}),
+        # An invalid config: every problem named, as --mode=train names them.
+        (
+            config_validation.ConfigError,
+            r"config\.training\.num_steps=-1",
+            {"config": _reference_config(arch, **{"training.num_steps": -1})},
+        ),
+    ):
+        args = {"path": ckpt, "config": _reference_config(arch), "target": work, **changes}
+        with pytest.raises(error, match=match) as info:
+            reference.import_checkpoint(
+                args["path"], args["config"], args["target"], info=args.get("info", INFO)
+            )
+        assert error is config_validation.ConfigError or "\n" not in str(info.value)
+        assert not os.path.exists(work)
+    os.makedirs(work)
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    with pytest.raises(workdir.WorkdirError, match=r"is not empty \(it holds \['notes.txt'\]\)"):
+        reference.import_checkpoint(ckpt, _reference_config(arch), work, info=INFO)
+    assert os.listdir(work) == ["notes.txt"]
+
+
+def test_import_command_refuses_in_one_line(tmp_path):
+    garbage = tmp_path / "ckpt-3.flax"
+    garbage.write_bytes(b"\x93not msgpack at all" * 10)
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.import_reference",
+        str(garbage),
+        str(tmp_path / "work"),
+        "--config=configs/cifar10.py:reference",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "ReferenceCheckpointError: " in result.stderr and "does not decode" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "work")
+
+
+# What --mode=eval reported for this checkpoint and config when it read the reference
+# checkpoint directly (config.eval.reference_checkpoint, before the import replaced it).
+DIRECT_EVAL_BPD = 12.033646583557129
+
+
+@pytest.mark.slow
+def test_imported_workdir_evaluates_samples_and_trains_like_any_other(tmp_path):
+    """Import, then --mode=eval, --mode=sample and --mode=train through the runner: the EMA
+    parameters (not the raw ones) are evaluated, to the figure of the direct evaluation."""
+    ckpt, _, _ = _imported_pair(tmp_path)
+    restored = reference.restore_reference(ckpt)
+    config = _reference_config(restored.arch, **{"eval.batch_size": 8})
+    work = str(tmp_path / "work")
+    devices = jax.devices()[:1]
+    with tfds.testing.mock_data(num_examples=12):
+        reference.import_checkpoint(ckpt, config, work)
+        record = eval_run(config, work, devices=devices)
+        assert record["step"] == 1234 and record["num_examples"] == 12
+        assert record["bpd"] == pytest.approx(DIRECT_EVAL_BPD, rel=1e-5)
+        exp = experiment.build(config, devices)
+        evaluator = evaluate.Evaluator(exp)
+        for params, expect_equal in ((restored.ema_params, True), (restored.params, False)):
+            assert np.isclose(evaluator(params).bpd, record["bpd"], rtol=1e-6) == expect_equal
+        assert eval_record(work, 1234)["bpd"] == record["bpd"]
+
+        # Sampling settings may change, as for any workdir.
+        small = {"sample.num_samples": 2, "sample.batch_size": 2, "sample.num_steps": 2}
+        samples = sampling.run_sample(
+            experiment.build(_reference_config(restored.arch, **small), devices), work
+        )
+        assert samples.shape == (2, 32, 32, C) and os.path.exists(
+            os.path.join(work, "samples", "step_1234.png")
+        )
+
+        # Training resumes at the reference's step, from its parameters and EMA.
+        longer = {
+            "training.num_steps": 1235,
+            "training.eval_every": 10**6,
+            "training.sample_every": 10**6,
+        }
+        trained = train_run(_reference_config(restored.arch, **longer), work, devices=devices)
+    assert int(trained.step) == 1235
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1234", "1235"]
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - b).max()), trained.ema_params, restored.ema_params
+    )
+    assert 0 < max(jax.tree.leaves(moved)) < 1e-2

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vdm_jax.runner import reference, state
+from vdm_jax.runner import state
 from vdm_jax.runner.experiment import Experiment
 from vdm_jax.runner.state import TrainState
 
@@ -200,21 +200,12 @@ def restore_latest(
 
 
 def restore_eval_params(exp: Experiment, workdir: str) -> tuple[Any, int]:
-    """``(EMA parameters, step)`` to evaluate or sample with, in the state's layout.
-
-    From ``eval.reference_checkpoint`` when set (a released google-research/vdm checkpoint,
-    whose architecture :func:`vdm_jax.runner.experiment.build` already gave ``exp``), else from the
-    newest readable checkpoint of ``workdir``.
+    """``(EMA parameters, step)`` of the newest readable checkpoint of ``workdir``, in the
+    state's layout, to evaluate or sample with.
 
     Raises:
       FileNotFoundError: if ``workdir`` has no readable checkpoint.
     """
-    path = exp.eval.reference_checkpoint
-    if path:
-        restored = reference.restore_reference(path)
-        logging.info("Evaluating reference checkpoint %s (step %d).", path, restored.step)
-        stored = state.param_layout(exp).stored
-        return jax.device_put(restored.ema_params, stored), restored.step
     restored = restore_latest(workdir, state.abstract_train_state(exp))
     if restored is None:
         raise FileNotFoundError(

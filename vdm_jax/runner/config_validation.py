@@ -221,12 +221,6 @@ def validate(
             f"norm over an ensemble (config.model.ensemble_size={members}) would couple its "
             "members' updates (allowed: 0)",
         )
-        _check(
-            problems,
-            not config.eval.reference_checkpoint,
-            f"config.eval.reference_checkpoint={config.eval.reference_checkpoint!r} holds one "
-            f"score network, not config.model.ensemble_size={members} (allowed: '')",
-        )
 
     # Step counts and intervals.
     for field in (

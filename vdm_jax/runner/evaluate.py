@@ -327,8 +327,7 @@ def _monte_carlo_note(result: EvalResult) -> str:
 
 
 def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
-    """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split
-    (or of ``eval.reference_checkpoint``'s).
+    """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split.
 
     The workdir is checked first (a directory, writable, and its recorded config matching
     the experiment's), so a long evaluation never ends in an unwritable result.
@@ -340,7 +339,7 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
     Returns:
       The written record (:meth:`EvalResult.record`).
     """
-    workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
+    workdir_lib.prepare(workdir, create=False)
     workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     result = Evaluator(exp)(params)

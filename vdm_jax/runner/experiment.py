@@ -19,7 +19,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from vdm_jax import model
-from vdm_jax.runner import conditioning, config_validation, data, reference, sharding, specs
+from vdm_jax.runner import conditioning, config_validation, data, sharding, specs
 from vdm_jax.runner.specs import (
     DataSpec,
     EvalSpec,
@@ -76,23 +76,6 @@ class Experiment:
         return dataclasses.replace(self, **changes)
 
 
-def with_reference_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` whose model is that of ``config.eval.reference_checkpoint``.
-
-    Reads the released google-research/vdm checkpoint's parameter shapes
-    (:func:`vdm_jax.runner.reference.model_overrides`); ``config`` itself is not changed. Without a
-    reference checkpoint, returns ``config``.
-    """
-    path = config.eval.reference_checkpoint
-    if not path:
-        return config
-    arch = reference.restore_reference(path).arch
-    out = config.copy_and_resolve_references()
-    with out.unlocked():
-        out.model.update(reference.model_overrides(arch))
-    return out
-
-
 def build(
     config: ml_collections.ConfigDict,
     devices: Sequence[jax.Device] | None = None,
@@ -102,9 +85,7 @@ def build(
     """Validates ``config`` and builds its :class:`Experiment`.
 
     Args:
-      config: an experiment config (``configs/base.py`` lists the fields). With
-        ``eval.reference_checkpoint`` set, the model is the checkpoint's
-        (:func:`with_reference_architecture`).
+      config: an experiment config (``configs/base.py`` lists the fields).
       devices: the mesh's devices (default: every device of every host).
       info: the dataset's facts, if already known (default: opened from ``config.data``;
         the benchmark passes the registered facts to avoid reading any data).
@@ -112,7 +93,6 @@ def build(
     Raises:
       config_validation.ConfigError: naming every invalid field, before any work.
     """
-    config = with_reference_architecture(config)
     devices = jax.devices() if devices is None else list(devices)
     if info is None:
         info = data.get_info(config.data.name, config.data.data_dir)

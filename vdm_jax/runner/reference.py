@@ -2,9 +2,11 @@
 
 The reference code published two CIFAR-10 checkpoints (its README: ``--mode=eval`` reports
 ``eval_bpd=2.637`` without and ``2.522`` with augmentation); see :data:`CHECKPOINTS`. This
-module reads them without TensorFlow and converts their parameters into the parameter tree of
-:class:`vdm_jax.model.VDM`, built with the options of :func:`score_net_kwargs` and
-:func:`schedule_spec`, so that our model computes the same function.
+module reads them without TensorFlow, converts their parameters into the parameter tree of
+:class:`vdm_jax.model.VDM` built with the options of :func:`model_overrides` (so that our
+model computes the same function), and :func:`import_checkpoint` writes one, once, into a
+new workdir (``experiments/import_reference.py``), which the runner then evaluates, samples
+and trains like any other. Nothing else in the runner knows about reference checkpoints.
 
 **On-disk format** (CommonLoopUtils ``clu.checkpoint.Checkpoint``, which the reference uses
 through ``MultihostCheckpoint(workdir/checkpoints)``: host 0 writes the directory
@@ -66,10 +68,13 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax
-import jax.numpy as jnp
+import jax
+import ml_collections
 import numpy as np
+from absl import logging
 
-from vdm_jax import model, schedules, unet
+from vdm_jax.runner import checkpoint, data, experiment, state
+from vdm_jax.runner import workdir as workdir_lib
 
 Params = dict[str, Any]
 
@@ -194,16 +199,23 @@ def infer_architecture(reference_params: Mapping[str, Any]) -> ReferenceArchitec
     )
 
 
-def score_net_kwargs(
+def model_overrides(
     arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
 ) -> dict[str, Any]:
-    """Keyword arguments of :class:`vdm_jax.unet.ScoreUNet` for the reference function.
+    """``config.model`` fields (by name) that make the runner build the reference function.
 
-    ``gamma_min`` / ``gamma_max`` are the reference config's (only used to rescale gamma_t;
-    -13.3 and 5 in all its configs). Dropout (0.1 for CIFAR-10, 0.05 with augmentation in the
-    reference configs) is not stored in a checkpoint and does not matter for evaluation.
+    The score network's sizes and layout, the schedule (``learned_linear``,
+    ``reference_net`` with its width and ``schedule_grad = "elbo"``, or ``fixed_linear``),
+    ``timesteps = 0`` (continuous time, as in the released configs) and
+    ``parameterization = "eps"``. ``gamma_min`` / ``gamma_max`` are the reference config's
+    (-13.3 and 5 in all its configs; they rescale gamma_t for the time embedding, and are
+    the fixed schedule's, stored in no checkpoint). Dropout (0.1 for CIFAR-10, 0.05 with
+    augmentation in the reference configs) is not stored in a checkpoint and does not matter
+    for evaluation. ``conditioning`` stays the config's: ``"none"`` for ``cifar10``,
+    ``"augmentation"`` for ``cifar10_aug`` (both evaluate with the flag 0, as the reference
+    does).
     """
-    return dict(
+    overrides: dict[str, Any] = dict(
         num_blocks=arch.num_blocks,
         channels=arch.channels,
         attention="all" if arch.with_attention else "middle",
@@ -216,69 +228,18 @@ def score_net_kwargs(
         num_groups=NUM_GROUPS,
         min_group_size=1,
         add_z_to_eps=True,
+        timesteps=0,
+        parameterization="eps",
     )
-
-
-def schedule_spec(
-    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
-) -> tuple[str, dict[str, Any]]:
-    """``(name, kwargs)`` for :func:`vdm_jax.schedules.make_schedule` (the fixed schedule's
-    ``gamma_min`` / ``gamma_max`` are not stored in a checkpoint: pass the config's)."""
-    kwargs: dict[str, Any] = {"gamma_min": gamma_min, "gamma_max": gamma_max}
     if arch.gamma_type == "learnable_scalar":
-        return "learned_linear", kwargs
-    if arch.gamma_type == "learnable_nnet":
-        return "reference_net", {**kwargs, "width": arch.gamma_width}
-    return "fixed_linear", kwargs
-
-
-def model_overrides(
-    arch: ReferenceArchitecture, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
-) -> dict[str, Any]:
-    """``config.model`` fields (by name) that make the runner build the reference function.
-
-    Score-network fields as in :func:`score_net_kwargs` plus ``schedule`` (and
-    ``schedule_width`` for ``reference_net``), ``timesteps = 0`` (continuous time, as in the
-    released configs), ``parameterization = "eps"`` and, for ``reference_net``,
-    ``schedule_grad = "elbo"``.
-    ``conditioning`` stays the config's: ``"none"`` for ``cifar10``, ``"augmentation"`` for
-    ``cifar10_aug`` (both evaluate with the flag 0, as the reference does).
-    """
-    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
-    overrides = {
-        **score_net_kwargs(arch, gamma_min, gamma_max),
-        "schedule": name,
-        "timesteps": 0,
-        "parameterization": "eps",
-    }
-    if name == "reference_net":
-        overrides["schedule_width"] = kwargs["width"]
-        overrides["schedule_grad"] = "elbo"
+        overrides["schedule"] = "learned_linear"
+    elif arch.gamma_type == "learnable_nnet":
+        overrides.update(
+            schedule="reference_net", schedule_width=arch.gamma_width, schedule_grad="elbo"
+        )
+    else:
+        overrides["schedule"] = "fixed_linear"
     return overrides
-
-
-def build_model(
-    arch: ReferenceArchitecture,
-    *,
-    num_classes: int = 0,
-    gamma_min: float = GAMMA_MIN,
-    gamma_max: float = GAMMA_MAX,
-    dtype: Any = jnp.float32,
-) -> model.VDM:
-    """Our :class:`vdm_jax.model.VDM` that computes the reference model's function.
-
-    Args:
-      arch: from :func:`infer_architecture`.
-      num_classes: 0 (unconditional, flag always 0) or the number of labels the model is
-        called with (e.g. 8 D4 elements; the flag is ``label != 0``).
-      gamma_min, gamma_max: the reference config's values.
-      dtype: compute dtype of the score network.
-    """
-    name, kwargs = schedule_spec(arch, gamma_min, gamma_max)
-    net = unet.ScoreUNet(
-        **score_net_kwargs(arch, gamma_min, gamma_max), num_classes=num_classes, dtype=dtype
-    )
-    return model.VDM(schedules.make_schedule(name, **kwargs), net)
 
 
 class _Reader:
@@ -350,7 +311,8 @@ def convert_params(
       arch: the architecture, if known; else read off the tree (:func:`infer_architecture`).
 
     Returns:
-      Float32 numpy arrays in the tree of ``build_model(arch).init(...)["params"]``
+      Float32 numpy arrays in the tree of the parameters of the model that
+      :func:`model_overrides` configures
       (``schedule`` absent for the fixed schedule).
 
     Raises:
@@ -533,7 +495,7 @@ class RestoredReference(NamedTuple):
       params: the trained parameters, ``{"score_net": ..., "schedule": ...}``.
       ema_params: their EMA (what the reference evaluates and samples with).
       step: the training step of the checkpoint.
-      arch: the reference architecture (see :func:`build_model`, :func:`model_overrides`).
+      arch: the reference architecture (see :func:`model_overrides`).
     """
 
     params: Params
@@ -557,3 +519,101 @@ def restore_reference(path: str) -> RestoredReference:
         step=int(np.asarray(state.get("step", 0))),
         arch=arch,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing a checkpoint into a workdir.
+
+# The reference's conditioning input is the augmentation flag: no other conditioning fits it.
+CONDITIONINGS = ("none", "augmentation")
+
+
+def config_mismatches(config: ml_collections.ConfigDict, arch: ReferenceArchitecture) -> list[str]:
+    """The ``--config.model.X=V`` flags that would make ``config``'s model ``arch``'s (every
+    :func:`model_overrides` field, and one score network); empty when it already is."""
+    wanted = {**model_overrides(arch), "ensemble_size": 1}
+    return [f"--config.model.{k}={v}" for k, v in wanted.items() if config.model.get(k) != v]
+
+
+def _shape_mismatches(expected: Params, converted: Params) -> list[str]:
+    """Leaves of ``converted`` whose path or shape is not that of ``expected`` (shapes)."""
+    leaves = jax.tree_util.tree_leaves_with_path
+    want = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves(converted)}
+    return [
+        f"{key}: {got.get(key, 'absent')} in the checkpoint, {want.get(key, 'absent')} in the model"
+        for key in sorted(want.keys() | got.keys())
+        if want.get(key) != got.get(key)
+    ]
+
+
+def import_checkpoint(
+    path: str,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    info: data.DatasetInfo | None = None,
+) -> int:
+    """Writes reference checkpoint ``path`` into the new ``workdir`` as a run of ``config``.
+
+    The workdir then holds what training would have written: the config record and an orbax
+    checkpoint at the reference's step, whose ``params`` and ``ema_params`` are the
+    reference's (converted) and whose optimizer state, PRNG key and other fields are a fresh
+    state's (Adam's moments and count at zero: resuming training restarts the warmup).
+    Everything is checked before anything is written.
+
+    Args:
+      path: see :func:`find_flax_file`.
+      config: an experiment config whose model is the checkpoint's (:func:`model_overrides`;
+        ``configs/cifar10.py:reference`` and ``configs/cifar10_aug.py:reference`` describe
+        the released ones).
+      workdir: absent or empty.
+      info: the dataset's facts, if already known (default: opened from ``config.data``).
+
+    Returns:
+      The checkpoint's step.
+
+    Raises:
+      workdir.WorkdirError: if ``workdir`` is a file, not empty, or cannot be written.
+      FileNotFoundError, ReferenceCheckpointError: if ``path`` is not a reference checkpoint,
+        or its model is not ``config``'s (naming the flags that would make it so).
+      config_validation.ConfigError: if ``config`` is invalid.
+    """
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise workdir_lib.WorkdirError(
+            f"workdir {workdir!r} is not empty (it holds {sorted(os.listdir(workdir))[:5]}); "
+            "import into a new one"
+        )
+    restored = restore_reference(path)
+    wrong = config_mismatches(config, restored.arch)
+    if wrong:
+        raise ReferenceCheckpointError(
+            f"the config's model is not that of {path!r}; add {' '.join(wrong)} (the released "
+            "checkpoints: --config=configs/cifar10.py:reference or cifar10_aug.py:reference)"
+        )
+    if config.model.conditioning not in CONDITIONINGS:
+        raise ReferenceCheckpointError(
+            f"config.model.conditioning={config.model.conditioning!r}: a reference checkpoint "
+            f"is conditioned on the augmentation flag only (allowed: {CONDITIONINGS})"
+        )
+    exp = experiment.build(config, info=info)
+    shapes = state.state_shapes(exp)
+    wrong = _shape_mismatches(shapes.params, restored.params)
+    if wrong:
+        raise ReferenceCheckpointError(
+            f"the parameters of {path!r} do not fit the config's model (dataset "
+            f"{exp.info.name!r}, images {exp.info.shape}): {'; '.join(wrong[:4])}"
+        )
+    workdir_lib.prepare(workdir, create=True)
+    layout = state.state_shardings(exp, shapes)
+    train_state = state.create_train_state(exp).replace(
+        step=jax.device_put(np.int32(restored.step), layout.step),
+        params=jax.device_put(restored.params, layout.params),
+        ema_params=jax.device_put(restored.ema_params, layout.ema_params),
+    )
+    with checkpoint.make_manager(workdir, max_to_keep=exp.training.max_to_keep) as manager:
+        checkpoint.save(manager, train_state, restored.step)
+        manager.wait_until_finished()
+    workdir_lib.write_config_record(exp, workdir)
+    logging.info("Imported %s (step %d) into %s.", path, restored.step, workdir)
+    return restored.step

@@ -104,7 +104,7 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
     Returns:
       The samples, int32 [N, H, W, C].
     """
-    workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
+    workdir_lib.prepare(workdir, create=False)
     workdir_lib.check_config_record(exp, workdir)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     samples = draw(exp, params, make_sample_fn(exp))

@@ -165,7 +165,7 @@ class TrainingSpec:
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
     """``config.eval``: the estimator (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` key) and
-    its settings; ``reference_checkpoint`` evaluates a released reference checkpoint."""
+    its settings."""
 
     method: str = may_change()
     batch_size: int = may_change()
@@ -176,7 +176,6 @@ class EvalSpec:
     ode_dequant_samples: int = may_change()
     ode_dequantization: str = may_change()
     ode_importance_weighted: bool = may_change()
-    reference_checkpoint: str | None = may_change()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,14 +96,13 @@ def write_config_record(exp: Experiment, workdir: str) -> None:
 def check_config_record(exp: Experiment, workdir: str) -> None:
     """Compares the experiment's config with the one that wrote ``workdir``.
 
-    Nothing to compare when the workdir has no record, or when the experiment evaluates a
-    released reference checkpoint (whose model is not the workdir's).
+    Nothing to compare when the workdir has no record.
 
     Raises:
       ConfigError: naming every changed field that must not change, old and new values.
     """
     path = os.path.join(workdir, RECORD)
-    if exp.eval.reference_checkpoint or not os.path.exists(path):
+    if not os.path.exists(path):
         return
     with open(path) as f:
         recorded = json.load(f)
