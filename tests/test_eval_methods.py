@@ -49,10 +49,10 @@ def test_per_image_time_sampling_agrees_and_reports_its_monte_carlo_error():
         config = tiny_config(**{"eval.method": method, "eval.num_time_samples": 4})
         exp, params = _perturbed_state(config)
         evaluator = evaluate.Evaluator(exp)
-        results[method] = evaluator(params).record()
+        results[method] = evaluator(params).record(step=0)
     # A second evaluation (as during training) reuses the compiled pilot of q(t).
     compiled_pilots = evaluator.prepare._cache_size()
-    again = evaluator(params).record()
+    again = evaluator(params).record(step=0)
     assert evaluator.prepare._cache_size() == compiled_pilots == 1
     assert again["bpd"] == results["elbo_importance"]["bpd"]
     strat, imp = results["elbo_stratified"], results["elbo_importance"]
@@ -85,7 +85,7 @@ def test_ode_eval_reports_the_bound_and_its_cost(dequantization):
         }
     )
     exp, params = _perturbed_state(config)
-    r = evaluate.Evaluator(exp)(params).record()
+    r = evaluate.Evaluator(exp)(params).record(step=0)
     assert r["method"] == "ode" and r["num_examples"] == 297
     assert np.isfinite(r["bpd"]) and r["bpd"] > 0
     assert r["num_function_evals"] > 6 and r["ode_rtol"] == 1e-2
