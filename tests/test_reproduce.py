@@ -118,6 +118,7 @@ def evaluate_recipe(name: str, workdir: str) -> dict:
 ELBO_RECIPES = sorted(RECIPES - {"cifar10_mulan"})
 
 
+@pytest.mark.slow  # The module's training run and six evaluations: ~70 s on a busy 2-core host.
 @pytest.mark.parametrize("name", ELBO_RECIPES)
 def test_recipe_eval_flags_evaluate_a_trained_workdir(name, trained_workdir):
     record = evaluate_recipe(name, trained_workdir)
