@@ -5,6 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/digits
+# Extras of setup.cfg installed on top of `test`: `make install EXTRAS=cuda12` (NVIDIA GPU),
+# `EXTRAS=tpu`, `EXTRAS=data` (TensorFlow, to run experiments.prepare_data), or several:
+# `EXTRAS=cuda12,data`. Each set of extras has its own stamp, so asking for new ones installs
+# them into the existing virtualenv.
+EXTRAS ?=
+comma := ,
+space := $(subst ,, )
+EXTRA_LIST := $(subst $(space),$(comma),$(strip test $(subst $(comma),$(space),$(EXTRAS))))
+INSTALLED := $(BIN)/.installed-$(subst $(comma),-,$(EXTRA_LIST))
 # `make digits` runs on two simulated CPU devices: the default's two networks
 # (model.ensemble_size=2) then train one per device, on two cores at once; one network's
 # batch steps in halves there (1.34x the steps/s of one device using both cores, measured at
@@ -18,27 +27,27 @@ DIGITS_CONFIG ?= configs/digits.py
 DIGITS := XLA_FLAGS="$(XLA_FLAGS) $(DIGITS_XLA_FLAGS)" $(BIN)/python -m experiments.main \
 	--config=$(DIGITS_CONFIG) --workdir=$(WORKDIR)
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+$(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRA_LIST)]'
 	touch $@
 
 .PHONY: install test test-all lint digits
-install: $(BIN)/.installed
+install: $(INSTALLED)
 
-test: $(BIN)/.installed
+test: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow" tests
 
-test-all: $(BIN)/.installed
+test-all: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
-lint: $(BIN)/.installed
+lint: $(INSTALLED)
 	$(BIN)/ruff check .
 
-digits: $(BIN)/.installed
+digits: $(INSTALLED)
 	$(DIGITS) --mode=train
 	$(DIGITS) --mode=eval
 	$(DIGITS) --mode=sample

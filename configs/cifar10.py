@@ -1,6 +1,9 @@
 """CIFAR-10 without augmentation, as in the VDM paper (Table 1: 2.65 bpd on the test set).
 
-Launch (TFDS ``cifar10`` must be prepared in the TFDS data directory)::
+Reads TFDS ``cifar10`` 3.0.2 (50,000 train / 10,000 test images), prepared once with
+``python -m experiments.prepare_data cifar10``; docs/reproduce.md has the whole recipe.
+
+Launch::
 
   python -m experiments.main --config=configs/cifar10.py --workdir=workdir/cifar10 --mode=train
 

@@ -4,6 +4,9 @@ As in the VDM paper (Table 1: 2.49 bpd with augmentation). Each training image i
 and/or rotated by one of the 8 elements of D4 and the model is told which (an 8-way label
 embedding); evaluation and sampling condition on the identity (index 0).
 
+Reads TFDS ``cifar10`` 3.0.2, prepared once with ``python -m experiments.prepare_data
+cifar10``; docs/reproduce.md has the whole recipe.
+
 Launch::
 
   python -m experiments.main --config=configs/cifar10_aug.py --workdir=workdir/cifar10_aug \\

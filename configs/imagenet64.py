@@ -1,6 +1,13 @@
 """Downsampled ImageNet 64x64 (VDM paper, Table 1: 3.40 bpd on the validation set).
 
-Launch on a multi-host GPU/TPU cluster (TFDS ``downsampled_imagenet/64x64`` prepared)::
+Reads TFDS ``downsampled_imagenet/64x64`` (data name ``imagenet64``): the original
+downsampled ImageNet of van den Oord et al. (2016), on which VDM's 3.40 is measured;
+``configs/imagenet64.py:resized`` reads the Chrabaszcz et al. (2017) re-release (data name
+``imagenet64_resized``, TFDS ``imagenet_resized/64x64``), on which later papers report and
+whose numbers are not comparable with the original's (see ``configs/imagenet32.py``).
+
+Launch on a multi-host GPU/TPU cluster (after ``python -m experiments.prepare_data
+imagenet64 --manual_dir=DIR``)::
 
   python -m experiments.main --config=configs/imagenet64.py --workdir=gs://BUCKET/imagenet64 \
       --mode=train
@@ -18,11 +25,17 @@ import ml_collections
 
 from configs import base
 
+# Variants (``--config=configs/imagenet64.py:VARIANT``): the dataset each reads.
+VARIANTS = {"": "imagenet64", "resized": "imagenet64_resized"}
 
-def get_config() -> ml_collections.ConfigDict:
-    """The paper's ImageNet 64x64 model."""
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The paper's ImageNet 64x64 model; ``variant`` "resized" reads the Chrabaszcz et al.
+    (2017) re-release instead of the original set."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of imagenet64; allowed: {list(VARIANTS)}")
     config = base.get_config()
-    config.data.name = "imagenet64"
+    config.data.name = VARIANTS[variant]
     config.model.num_blocks = 64
     config.model.channels = 256
     config.model.dropout_rate = 0.0

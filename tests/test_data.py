@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
+import os
+import shutil
 import threading
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+import tfds_tiny
 from sklearn.datasets import load_digits
 
 from vdm_jax.runner import data
@@ -267,49 +270,126 @@ def test_prefetch_matches_synchronous():
     assert_same_batches(digits_train(5, prefetch=2), digits_train(5, prefetch=0))
 
 
-# --- TFDS path (mock data, no network) ---------------------------------------------------
+# --- TFDS path: a tiny dataset built into real ArrayRecord files (no network) -------------
 
 
-def test_cifar10_mock_shapes_and_counts():
-    with tfds.testing.mock_data(num_examples=20):
-        info = data.get_info("cifar10")
-        assert dataclasses.replace(info, version="") == data.DatasetInfo(
-            "cifar10", (32, 32, 3), 256, 10, 20, 20
-        )
-        version = tfds.builder("cifar10").info.version
-        assert info.eval_split == "test" and info.version == f"tfds cifar10:{version}"
-        train = take(data.train_iterator("cifar10", global_batch_size=8, seed=0, augment=True), 6)
-        for batch in train:
-            assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.int32
-            assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
-            assert batch["label"].max() < data.NUM_AUGMENTATIONS
-        host1 = take(
-            data.train_iterator(
-                "cifar10",
-                global_batch_size=8,
-                seed=0,
-                augment=True,
-                process_index=1,
-                process_count=2,
-                start_step=2,
-            ),
-            1,
-        )
-        np.testing.assert_array_equal(host1[0]["image"], train[2]["image"][4:])
-        evals = list(data.eval_batches("cifar10", global_batch_size=6))
-        assert len(evals) == data.num_eval_batches(info, 6) == 4
-        assert stack(evals, "mask").sum() == 20
-        assert evals[0]["image"].shape == (6, 32, 32, 3) and evals[0]["mask"].dtype == np.bool_
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A data_dir holding the tiny TFDS dataset, built once through ``prepare_data``."""
+    root = str(tmp_path_factory.mktemp("tfds"))
+    info = tfds_tiny.build(root)
+    assert (info.num_train, info.num_eval) == (tfds_tiny.NUM_TRAIN, tfds_tiny.NUM_TEST)
+    return root
 
 
-def test_imagenet_mock_info_and_shape_error():
-    with tfds.testing.mock_data(num_examples=5):
-        info = data.get_info("imagenet64")
-        assert (info.shape, info.vocab_size, info.num_classes) == ((64, 64, 3), 256, 0)
-        assert (info.num_train, info.num_eval) == (5, 5)
-        # Mock images have random shapes: the iterator must say so clearly.
-        with pytest.raises(ValueError, match=r"'imagenet32'.*'image'.*shape \(32, 32, 3\)"):
-            next(data.eval_batches("imagenet32", global_batch_size=5))
+def examples(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
+    """(image bytes, label) pairs, sorted: a multiset that ignores the order of rows."""
+    flat = images.reshape(len(images), -1).astype(np.int32)
+    return sorted(zip([row.tobytes() for row in flat], labels.tolist(), strict=True))
+
+
+def test_tfds_files_round_trip_through_the_reader(tiny_dir, monkeypatch):
+    tfds_tiny.register(monkeypatch)
+    info = data.get_info(tfds_tiny.NAME, tiny_dir)
+    assert dataclasses.replace(info, version="") == data.DatasetInfo(
+        tfds_tiny.NAME, (8, 8, 1), 17, 10, 40, 12
+    )
+    # The protocol of every result names the TFDS dataset and its version.
+    assert info.eval_split == "test" and info.version == f"tfds {tfds_tiny.TFDS_NAME}:1.0.0"
+    written, written_labels = tfds_tiny.source_digits()
+    # TFDS orders the examples by a hash of their keys: compare (image, label) multisets.
+    for split, rows in (("train", slice(0, 40)), ("eval", slice(40, 52))):
+        images, labels = data.read_split(tfds_tiny.NAME, split, tiny_dir)
+        assert images.shape == (len(written[rows]), 8, 8, 1)
+        assert examples(images, labels) == examples(written[rows], written_labels[rows])
+
+
+def test_tfds_batches_shapes_sharding_and_padding(tiny_dir, monkeypatch):
+    tfds_tiny.register(monkeypatch)
+    kwargs = {"global_batch_size": 8, "seed": 0, "augment": True, "data_dir": tiny_dir}
+    train = take(data.train_iterator(tfds_tiny.NAME, **kwargs), 6)  # 48 > 40: a new epoch
+    for batch in train:
+        assert batch["image"].shape == (8, 8, 8, 1) and batch["image"].dtype == np.int32
+        assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+        assert batch["label"].max() < data.NUM_AUGMENTATIONS
+    host1 = take(
+        data.train_iterator(
+            tfds_tiny.NAME, process_index=1, process_count=2, start_step=2, **kwargs
+        ),
+        1,
+    )
+    np.testing.assert_array_equal(host1[0]["image"], train[2]["image"][4:])
+    evals = list(data.eval_batches(tfds_tiny.NAME, global_batch_size=5, data_dir=tiny_dir))
+    assert len(evals) == 3 and stack(evals, "mask").sum() == 12
+    assert not evals[-1]["image"][~evals[-1]["mask"]].any()
+
+
+def test_tfds_wrong_shape_is_named(tiny_dir, monkeypatch):
+    tfds_tiny.register(monkeypatch, shape=(16, 16, 1))
+    with pytest.raises(ValueError, match=r"'tiny_tfds'.*'image'.*shape \(16, 16, 1\)"):
+        next(data.eval_batches(tfds_tiny.NAME, global_batch_size=5, data_dir=tiny_dir))
+
+
+def test_registered_tfds_datasets_name_their_tfds_sources():
+    assert {n: data.DATASETS[n].tfds_name for n in data.DATASETS if n != "digits"} == {
+        "cifar10": "cifar10",
+        "imagenet32": "downsampled_imagenet/32x32",
+        "imagenet64": "downsampled_imagenet/64x64",
+        "imagenet32_resized": "imagenet_resized/32x32",
+        "imagenet64_resized": "imagenet_resized/64x64",
+    }
+    for name in ("imagenet32", "imagenet64", "imagenet32_resized", "imagenet64_resized"):
+        spec = data.DATASETS[name]
+        assert (spec.vocab_size, spec.num_classes, spec.shape[-1]) == (256, 0, 3)
+    # The versions TFDS writes (and a run looks for), which recipes name.
+    assert data.tfds_version_dir("cifar10", "/d") == "/d/cifar10/3.0.2"
+    assert data.tfds_version_dir("downsampled_imagenet/32x32", "/d").endswith("32x32/2.0.0")
+    assert data.tfds_version_dir("imagenet_resized/64x64", "/d").endswith("64x64/0.1.0")
+
+
+def expected_missing(name: str, tfds_name: str, where: str, what: str, root: str) -> str:
+    return (
+        f"dataset {name!r} (TFDS {tfds_name}): {what} in {where}; prepare it with: "
+        f"python -m experiments.prepare_data {name} --data_dir={root}"
+    )
+
+
+def test_unprepared_tfds_dataset_is_one_line_naming_the_command(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.get_info("imagenet32", root)
+    assert str(e.value) == expected_missing(
+        "imagenet32",
+        "downsampled_imagenet/32x32",
+        f"{root}/downsampled_imagenet/32x32/2.0.0",
+        "no prepared files (dataset_info.json)",
+        root,
+    )
+    assert list(tmp_path.iterdir()) == []  # Nothing downloaded, nothing written.
+
+
+def test_partial_tfds_builds_are_named(tiny_dir, tmp_path, monkeypatch):
+    tfds_tiny.register(monkeypatch)
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(tiny_dir, tfds_tiny.TFDS_NAME), tmp_path / tfds_tiny.TFDS_NAME)
+    version_dir = f"{root}/{tfds_tiny.TFDS_NAME}/1.0.0"
+    # A shard lost after the build (a partial copy).
+    (shard,) = glob.glob(f"{version_dir}/*-test.array_record-*")
+    os.remove(shard)
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.get_info(tfds_tiny.NAME, root)
+    what = f"1 of the 1 files of split 'test' are missing ({os.path.basename(shard)}, ...)"
+    assert str(e.value) == expected_missing(
+        tfds_tiny.NAME, tfds_tiny.TFDS_NAME, version_dir, what, root
+    )
+    # A build killed before TFDS renamed its folder.
+    os.rename(version_dir, f"{root}/{tfds_tiny.TFDS_NAME}/incomplete.AB12CD_1.0.0")
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.get_info(tfds_tiny.NAME, root)
+    what = "only an interrupted build (incomplete.AB12CD_1.0.0) was found, no prepared files"
+    assert str(e.value) == expected_missing(
+        tfds_tiny.NAME, tfds_tiny.TFDS_NAME, version_dir, what, root
+    )
 
 
 def test_read_split_reads_the_first_examples_or_all():

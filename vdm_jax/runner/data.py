@@ -6,8 +6,16 @@ Registered names (:data:`DATASETS`):
   anywhere without network. 1,797 images of 8x8x1 with integer values 0..16 (K = 17), a
   fixed split: the first 1,500 images in scikit-learn's order are train, the last 297 eval.
 * ``"cifar10"``: TFDS ``cifar10``, train / test, 32x32x3, K = 256, 10 classes.
-* ``"imagenet32"`` / ``"imagenet64"``: TFDS ``downsampled_imagenet/32x32`` / ``64x64``,
-  train / validation, K = 256, no labels (label 0, ``num_classes`` 0).
+* ``"imagenet32"`` / ``"imagenet64"``: TFDS ``downsampled_imagenet/32x32`` / ``64x64``
+  (version 2.0.0), train / validation, K = 256, no labels (label 0, ``num_classes`` 0): the
+  original downsampled ImageNet of van den Oord et al. (2016, "Pixel Recurrent Neural
+  Networks"), 1,281,149 / 49,999 images, on which VDM (3.72 / 3.40 bpd) and MuLAN report.
+* ``"imagenet32_resized"`` / ``"imagenet64_resized"``: TFDS ``imagenet_resized/32x32`` /
+  ``64x64`` (version 0.1.0), train / validation, K = 256, read without labels: the re-released
+  box-resized ImageNet of Chrabaszcz, Loshchilov & Hutter (2017, "A Downsampled Variant of
+  ImageNet as an Alternative to the CIFAR datasets"), 1,281,167 / 50,000 images, on which
+  later likelihood papers report. The two sets give different bpd for the same model (i-DODE,
+  Zheng et al. 2023: 3.69 on the original 32x32, 3.43 on the re-release).
 
 TFDS data is read with ``tfds.data_source`` (random access to ArrayRecord files) and
 shuffled with ``grain.MapDataset``, not with ``tfds.load``: ``tfds.load`` builds a
@@ -17,6 +25,13 @@ pipeline stateless: the global batch of step ``s`` is a pure function of ``(seed
 data position checkpointed with a run is just its step, and a resumed run reads exactly the
 batches the uninterrupted run would have read. Rows are read per batch from the source; only
 the tiny digits set is held in memory.
+
+TFDS datasets are never downloaded or built here: ``python -m experiments.prepare_data NAME``
+does that once (:func:`prepare_command`). Before opening one, the run checks that the
+prepared ArrayRecord files are all where it looks; if not (never prepared, another
+``data_dir``, an interrupted build, another file format) it raises
+:class:`DatasetNotFoundError`, whose one-line message names the dataset, the directory
+searched and the command that prepares it.
 
 Every batch is checked (vectorised: dtype, shape, min and max) to hold integers in
 ``[0, vocab_size)`` of the registered ``(H, W, C)``; bad data raises ``ValueError`` and is
@@ -28,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import os
 import queue
 import threading
 import weakref
@@ -75,6 +92,19 @@ class DatasetInfo:
     num_eval: int
     eval_split: str = "test"
     version: str = ""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A TFDS dataset's prepared files are missing (in whole or in part) where a run looks.
+
+    A ``FileNotFoundError``, so that ``experiments/main.py`` prints its one-line message.
+    """
+
+
+def prepare_command(name: str, data_dir: str | None = None) -> str:
+    """The command that prepares registered dataset ``name`` in ``data_dir``."""
+    flag = f" --data_dir={data_dir}" if data_dir else ""
+    return f"python -m experiments.prepare_data {name}{flag}"
 
 
 class _Split(Protocol):
@@ -142,6 +172,8 @@ class _Spec:
       open_split: ``(name, split, data_dir) -> _Split`` with split "train" or "eval".
       eval_split: the name of the split evaluated.
       version: ``data_dir ->`` the source and version of the rows (:attr:`DatasetInfo.version`).
+      tfds_name: the TFDS dataset (``name`` or ``name/config``) the splits are read from;
+        None for embedded data.
     """
 
     shape: tuple[int, int, int]
@@ -150,6 +182,7 @@ class _Spec:
     open_split: Callable[[str, str, str | None], _Split]
     eval_split: str
     version: Callable[[str | None], str]
+    tfds_name: str | None = None
 
 
 @functools.cache
@@ -175,6 +208,73 @@ def _open_digits(name: str, split: str, data_dir: str | None) -> _Split:
     return _ArraySplit(images[part], labels[part])
 
 
+def tfds_data_dir(data_dir: str | None) -> str:
+    """The TFDS data directory a run reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets`` (TFDS's default, where ``prepare_data`` writes by default)."""
+    from tensorflow_datasets.core import constants
+
+    return data_dir or constants.get_default_data_dir()
+
+
+def tfds_version_dir(tfds_name: str, data_dir: str | None) -> str:
+    """``{data_dir}/{dataset}[/{config}]/{version}``: where TFDS keeps a prepared dataset.
+
+    Read from the builder's class (its version), without instantiating the builder (which
+    logs a warning for a dataset that is not there).
+    """
+    import tensorflow_datasets as tfds
+
+    base, _, config_name = tfds_name.partition("/")
+    cls = tfds.builder_cls(base)
+    version = cls.VERSION
+    if config_name:
+        configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+        version = configs[config_name].version or version
+    return os.path.join(tfds_data_dir(data_dir), base, config_name, str(version))
+
+
+def _tfds_builder(name: str, tfds_name: str, data_dir: str | None) -> Any:
+    """The prepared TFDS builder of ``tfds_name``, after checking that every file of the
+    ArrayRecord build is in place; :class:`DatasetNotFoundError` (one line) otherwise."""
+    import tensorflow_datasets as tfds  # Imported here: digits-only users skip its import time.
+
+    version_dir = tfds_version_dir(tfds_name, data_dir)
+    command = prepare_command(name, tfds_data_dir(data_dir))
+
+    def missing(what: str) -> DatasetNotFoundError:
+        return DatasetNotFoundError(
+            f"dataset {name!r} (TFDS {tfds_name}): {what} in {version_dir}; prepare it "
+            f"with: {command}"
+        )
+
+    if not os.path.isfile(os.path.join(version_dir, "dataset_info.json")):
+        # TFDS builds into {parent}/incomplete.XXXXXX_{version} and renames it when done;
+        # a killed build leaves that folder behind.
+        parent, version = os.path.split(version_dir)
+        partial = glob.glob(os.path.join(glob.escape(parent), f"incomplete.*_{version}"))
+        if partial:
+            raise missing(
+                f"only an interrupted build ({os.path.basename(partial[0])}) was found, no "
+                "prepared files"
+            )
+        raise missing("no prepared files (dataset_info.json)")
+    builder = tfds.builder(tfds_name, data_dir=tfds_data_dir(data_dir))
+    file_format = builder.info.file_format
+    if file_format is None or file_format.value != "array_record":
+        raise missing(
+            f"the files are in the {getattr(file_format, 'value', None)} format, not "
+            "array_record (the format a run reads; prepare it again in another data_dir)"
+        )
+    for split, split_info in builder.info.splits.items():
+        lost = [os.path.basename(p) for p in split_info.filepaths if not os.path.isfile(p)]
+        if lost:
+            raise missing(
+                f"{len(lost)} of the {len(split_info.filepaths)} files of split {split!r} "
+                f"are missing ({lost[0]}, ...)"
+            )
+    return builder
+
+
 def _open_tfds(
     tfds_name: str,
     splits: dict[str, str],
@@ -184,25 +284,35 @@ def _open_tfds(
     split: str,
     data_dir: str | None,
 ) -> _Split:
-    import tensorflow_datasets as tfds  # Imported here: digits-only users skip its import time.
-
-    source = tfds.data_source(tfds_name, split=splits[split], data_dir=data_dir)
+    builder = _tfds_builder(name, tfds_name, data_dir)
+    if splits[split] not in builder.info.splits:
+        raise DatasetNotFoundError(
+            f"dataset {name!r} (TFDS {tfds_name}): no split {splits[split]!r} in "
+            f"{builder.data_dir}; prepare it with: "
+            f"{prepare_command(name, tfds_data_dir(data_dir))}"
+        )
+    source = builder.as_data_source(split=splits[split])
     return _TfdsSplit(name, shape, source, has_labels)
 
 
 def _tfds_spec(
-    tfds_name: str, eval_split: str, shape: tuple[int, int, int], num_classes: int
+    tfds_name: str,
+    eval_split: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    vocab_size: int = 256,
 ) -> _Spec:
     open_split = functools.partial(
         _open_tfds, tfds_name, {"train": "train", "eval": eval_split}, shape, num_classes > 0
     )
     return _Spec(
         shape=shape,
-        vocab_size=256,
+        vocab_size=vocab_size,
         num_classes=num_classes,
         open_split=open_split,
         eval_split=eval_split,
         version=functools.partial(_tfds_version, tfds_name),
+        tfds_name=tfds_name,
     )
 
 
@@ -235,6 +345,8 @@ DATASETS: dict[str, _Spec] = {
     "cifar10": _tfds_spec("cifar10", "test", (32, 32, 3), num_classes=10),
     "imagenet32": _tfds_spec("downsampled_imagenet/32x32", "validation", (32, 32, 3), 0),
     "imagenet64": _tfds_spec("downsampled_imagenet/64x64", "validation", (64, 64, 3), 0),
+    "imagenet32_resized": _tfds_spec("imagenet_resized/32x32", "validation", (32, 32, 3), 0),
+    "imagenet64_resized": _tfds_spec("imagenet_resized/64x64", "validation", (64, 64, 3), 0),
 }
 
 
@@ -285,6 +397,7 @@ def get_info(name: str, data_dir: str | None = None) -> DatasetInfo:
 
     Raises:
       ValueError: if ``name`` is not registered (the message lists the allowed names).
+      DatasetNotFoundError: if a TFDS dataset is not (fully) prepared in ``data_dir``.
     """
     return _open(name, data_dir)[0]
 
