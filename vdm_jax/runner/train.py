@@ -39,6 +39,7 @@ from vdm_jax.runner import (
     sampling,
     sharding,
     state,
+    workdir_lock,
 )
 from vdm_jax.runner import workdir as workdir_lib
 from vdm_jax.runner.experiment import Experiment
@@ -243,11 +244,13 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     checkpoint is a good one and only good ones rotate older ones out; a non-finite loss,
     gradient or updated state raises ``FloatingPointError`` without saving. The workdir keeps
     the config that wrote it (:mod:`vdm_jax.runner.workdir`) and a changed config is refused before
-    any work. An unreadable or corrupt newest checkpoint is set aside and the next older one
-    used (:mod:`vdm_jax.runner.checkpoint`). On SIGTERM it saves at the next step boundary (or,
-    during an evaluation or sampling, at once) and returns; a signal before any new step
-    has finished (during the first compilation, say) raises
-    :class:`vdm_jax.runner.preemption.Interrupted` at once, having written nothing.
+    any work; a second training of the same workdir is refused while this one runs
+    (:mod:`vdm_jax.runner.workdir_lock`). An unreadable or corrupt newest checkpoint is set
+    aside and the next older one used (:mod:`vdm_jax.runner.checkpoint`). On SIGTERM it saves
+    at the next step boundary (or, during an evaluation or sampling, at once) and returns; a
+    signal before any new step has finished (during the first compilation, say) raises
+    :class:`vdm_jax.runner.preemption.Interrupted` at once, having written nothing (but the
+    emptied lock file).
 
     Args:
       exp: the experiment (:func:`vdm_jax.runner.experiment.build`).
@@ -257,13 +260,15 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
       The final (or preempted) state.
     """
     with preemption.handle_sigterm() as preempt:
-        return _train(exp, workdir, preempt)
+        workdir_lib.prepare(workdir, create=True)
+        with workdir_lock.hold(workdir):
+            return _train(exp, workdir, preempt)
 
 
 def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> TrainState:
-    """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt``."""
+    """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt`` and the
+    workdir prepared and locked."""
     t = exp.training
-    workdir_lib.prepare(workdir, create=True)
     workdir_lib.check_config_record(exp, workdir)
     abstract = state.abstract_train_state(exp)
     workdir_lib.check_free_space(workdir, state.num_bytes(abstract))
