@@ -39,6 +39,14 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_CONFIG_RECORD = flags.DEFINE_enum(
+    "config_record",
+    "check",
+    ["check", "rewrite"],
+    "check: compare the config with the workdir's config.json and stop if that record is "
+    "damaged; rewrite: a damaged record is kept as config.json.damaged and written anew "
+    "from this run's config, listing the fields that can no longer be checked.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODES = {
@@ -106,7 +114,8 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         exp = experiment.build(_CONFIG.value)
-        MODES[_MODE.value](exp, _WORKDIR.value)
+        rewrite = _CONFIG_RECORD.value == "rewrite"
+        MODES[_MODE.value](exp, _WORKDIR.value, rewrite_config_record=rewrite)
     except preemption.Interrupted:
         logging.warning("Preempted before a new step finished; nothing written.")
         _leave(0)  # A compilation may still run in a worker thread.

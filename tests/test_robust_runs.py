@@ -632,3 +632,99 @@ def test_a_second_training_is_refused_eval_runs_and_a_killed_one_resumes(tmp_pat
     assert third.returncode == 0, third.stderr
     assert f"pid {first.pid}" in third.stderr and "Starting at step 2 of 4" in third.stderr
     assert latest_step(path) == 4
+
+
+# ---- 8. records that cannot be misread ------------------------------------------------------
+
+
+def _damaged_record_line(path: str, problem: str) -> str:
+    record = os.path.join(path, workdir.RECORD)
+    return (
+        f"DamagedRecordError: {record} is damaged ({problem}); it records the config that "
+        "wrote this workdir's checkpoints, which every run is checked against. Restore it "
+        "from a copy, or run again with --config_record=rewrite to write it anew from this "
+        "run's config (the damaged file is kept as config.json.damaged and the fields that "
+        "can no longer be checked are listed)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "empty"),
+        (
+            b'{"seed": 0, "model": {"channels": 16,',
+            "truncated: its JSON stops mid-record at byte 37",
+        ),
+        (
+            b'{"seed": 0,, }',
+            "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 12",
+        ),
+        (b"\xff\xfe\x00garbage", "not text: invalid start byte at byte 0"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b'{"model": {}}', "it has no seed"),
+        (b'{"seed": 0, "model": 3}', "a section is not a JSON object"),
+    ],
+)
+def test_a_damaged_config_record_is_named_with_the_ways_on(tmp_path, content, problem):
+    path = str(tmp_path)
+    (tmp_path / workdir.RECORD).write_bytes(content)
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    with pytest.raises(workdir.DamagedRecordError) as error:
+        workdir.check_config_record(exp, path)
+    assert f"{type(error.value).__name__}: {error.value}" == _damaged_record_line(path, problem)
+    assert (tmp_path / workdir.RECORD).read_bytes() == content  # Never overwritten.
+
+
+@pytest.mark.slow
+def test_damaged_records_stop_the_run_in_one_line_and_rewrite_is_explicit(tmp_path):
+    """A truncated config.json stops training and evaluation with one line and is left as
+    it is; --config_record=rewrite keeps it aside and writes it anew. A truncated checkpoint
+    metadata file (the digest's record) makes that checkpoint unreadable, not unverified. A
+    damaged feature-network cache stops sampling with one line."""
+    path = str(tmp_path)
+    train_run(
+        tiny_config(**NO_EVAL, **{"training.num_steps": 2, "training.checkpoint_every": 1}),
+        path,
+    )
+    record = tmp_path / workdir.RECORD
+    original = json.loads(record.read_text())
+    with open(record, "r+b") as f:
+        f.truncate(100)
+    damaged = record.read_bytes()
+    for mode in ("train", "eval"):
+        result = _run(path, mode=mode)
+        line = _damaged_record_line(path, "truncated: its JSON stops mid-record at byte 100")
+        assert _error_line(result) == line, mode
+        assert record.read_bytes() == damaged and latest_step(path) == 2
+
+    ckpts = checkpoint.checkpoint_dir(path)
+    with open(os.path.join(ckpts, "2", checkpoint.METADATA_FILE), "r+b") as f:
+        f.truncate(100)
+    result = _run(path, "--config_record=rewrite", mode="eval")
+    assert result.returncode == 0, result.stderr
+    assert "can no longer be checked" in result.stderr
+    assert "config.model.channels=16" in result.stderr
+    assert (tmp_path / "config.json.damaged").read_bytes() == damaged
+    rewritten = json.loads(record.read_text())  # This run's config: configs/test.py.
+    assert rewritten == workdir.config_record(experiment.build(tiny_config(), jax.devices()[:1]))
+    assert rewritten["model"] == original["model"] and rewritten["seed"] == original["seed"]
+    warning = (
+        f"Cannot read checkpoint {ckpts}/2 (CorruptCheckpointError: its metadata file "
+        "_CHECKPOINT_METADATA is damaged (JSONDecodeError: "
+    )
+    assert warning in result.stderr
+    assert json.load(open(os.path.join(path, "eval_step_1.json")))["step"] == 1
+
+    cache = tmp_path / "sample_quality" / "digits_features.npz"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(b"PK\x03\x04 a zip that stops here")
+    line = _error_line(_run(path, mode="sample"))
+    assert re.fullmatch(
+        rf"DamagedRecordError: {re.escape(str(cache))} is damaged \(\w+: [^()]+\); it caches "
+        r"the feature network of this workdir's sample-quality figures, so that they stay "
+        r"comparable\. Restore it from a copy, or delete it and the run fits the network "
+        r"again \(the same seed; another scikit-learn version may move the figures slightly\)",
+        line,
+    ), line
+    assert cache.read_bytes() == b"PK\x03\x04 a zip that stops here"

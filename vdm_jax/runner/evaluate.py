@@ -244,12 +244,15 @@ def _monte_carlo_note(result: EvalResult) -> str:
     return "" if mc is None else f" (Monte Carlo {mc:.4f})"
 
 
-def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
+def run_eval(
+    exp: Experiment, workdir: str, *, rewrite_config_record: bool = False
+) -> dict[str, Any]:
     """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split
     (or of ``eval.reference_checkpoint``'s).
 
     The workdir is checked first (a directory, writable, and its recorded config matching
-    the experiment's), so a long evaluation never ends in an unwritable result.
+    the experiment's), so a long evaluation never ends in an unwritable result;
+    ``rewrite_config_record`` writes a damaged record anew (``--config_record=rewrite``).
 
     Writes ``{workdir}/eval_step_{step}.json`` (process 0) and prints the results.
 
@@ -257,7 +260,7 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
       The written record: :meth:`EvalResult.record` with ``step``, ``dataset`` and ``seed``.
     """
     workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     result = Evaluator(exp)(params)
     record = result.record(step=step, dataset=exp.info.name, seed=exp.seed)

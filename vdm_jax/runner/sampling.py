@@ -95,8 +95,11 @@ def quality(exp: Experiment, samples: np.ndarray, workdir: str) -> dict[str, flo
     return {f"samples/{k}": v for k, v in figures.items()}
 
 
-def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
+def run_sample(exp: Experiment, workdir: str, *, rewrite_config_record: bool = False) -> np.ndarray:
     """``--mode=sample``: ``sample.num_samples`` samples from the latest checkpoint.
+
+    The workdir is checked first, as for evaluation; ``rewrite_config_record`` writes a
+    damaged ``config.json`` anew (``--config_record=rewrite``).
 
     Writes ``{workdir}/samples/step_{step}.png`` and ``.npz`` (process 0), and logs the
     sample-quality figures of :func:`quality` to the console and TensorBoard.
@@ -105,7 +108,7 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
       The samples, int32 [N, H, W, C].
     """
     workdir_lib.prepare(workdir, create=bool(exp.eval.reference_checkpoint))
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     samples = draw(exp, params, make_sample_fn(exp))
     scalars = quality(exp, samples, workdir)

@@ -233,7 +233,9 @@ def make_save_check(exp: Experiment) -> Callable[[TrainState, dict[str, jax.Arra
     )
 
 
-def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
+def train_and_evaluate(
+    exp: Experiment, workdir: str, *, rewrite_config_record: bool = False
+) -> TrainState:
     """Trains from the newest good checkpoint in ``workdir`` (or from scratch) to the last step.
 
     Logs every ``training.log_every`` steps and at the end, evaluates (EMA parameters, whole
@@ -255,6 +257,8 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     Args:
       exp: the experiment (:func:`vdm_jax.runner.experiment.build`).
       workdir: holds checkpoints, TensorBoard events, eval JSON files and samples.
+      rewrite_config_record: a damaged ``config.json`` is written anew from ``exp``
+        (``--config_record=rewrite``: :func:`vdm_jax.runner.workdir.check_config_record`).
 
     Returns:
       The final (or preempted) state.
@@ -262,14 +266,16 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     with preemption.handle_sigterm() as preempt:
         workdir_lib.prepare(workdir, create=True)
         with workdir_lock.hold(workdir):
-            return _train(exp, workdir, preempt)
+            return _train(exp, workdir, preempt, rewrite_config_record)
 
 
-def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> TrainState:
+def _train(
+    exp: Experiment, workdir: str, preempt: preemption.Preemption, rewrite_config_record: bool
+) -> TrainState:
     """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt`` and the
     workdir prepared and locked."""
     t = exp.training
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     abstract = state.abstract_train_state(exp)
     workdir_lib.check_free_space(workdir, state.num_bytes(abstract))
     logging.info(
