@@ -116,6 +116,8 @@ def main(argv: list[str]) -> None:
         exp = experiment.build(_CONFIG.value)
         rewrite = _CONFIG_RECORD.value == "rewrite"
         MODES[_MODE.value](exp, _WORKDIR.value, rewrite_config_record=rewrite)
+        if preemption.work_left_behind():  # Preempted during an evaluation's compilation.
+            _leave(0)
     except preemption.Interrupted:
         logging.warning("Preempted before a new step finished; nothing written.")
         _leave(0)  # A compilation may still run in a worker thread.

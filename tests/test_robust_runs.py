@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import flax.struct
@@ -40,8 +41,11 @@ from configs import base as base_config
 from vdm_jax.runner import (
     checkpoint,
     config_validation,
+    evaluate,
     experiment,
+    preemption,
     reference,
+    sampling,
     specs,
     state,
     workdir,
@@ -368,6 +372,43 @@ def test_sigterm_before_any_new_step_exits_without_writing(tmp_path):
     assert "Preempted before a new step finished; nothing written." in output
     assert _steps(path) == [] and not os.path.exists(os.path.join(path, workdir.RECORD))
     assert not os.path.exists(os.path.join(path, "tensorboard"))
+
+
+class _SignalledWhileCompiling(preemption.Preemption):
+    """A preemption requested from inside the worker thread of :meth:`wait_for`, which then
+    holds its work until released: the SIGTERM that arrives during a compilation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def wait_for(self, fn):
+        def signalled():
+            self.request()
+            self.release.wait(120)
+            return fn()
+
+        return super().wait_for(signalled)
+
+
+def test_a_sigterm_during_the_eval_or_sampler_compilation_is_seen_at_once():
+    """The first evaluation batch and sampler call compile in the worker thread, so the
+    signal interrupts them while the compilation still runs (as the training step's does)."""
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    params = state.create_train_state(exp).ema_params
+    runs = {
+        "eval": lambda p: evaluate.Evaluator(exp)(params, p),
+        "sample": lambda p: sampling.draw(exp, params, sampling.make_sample_fn(exp), p),
+    }
+    for name, run in runs.items():
+        signalled = _SignalledWhileCompiling()
+        with pytest.raises(preemption.Interrupted):
+            run(signalled)
+        assert preemption.work_left_behind(), name  # The compilation still runs.
+        signalled.release.set()
+        for thread in threading.enumerate():
+            if thread.name == "vdm_jax-compile":
+                thread.join()
 
 
 # ---- 6. errors that name their cause, before any work -----------------------------------------

@@ -15,6 +15,7 @@ number of devices and hosts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -156,7 +157,8 @@ class Evaluator:
         """Evaluates ``params`` (in the state's layout) over the whole eval split.
 
         Raises:
-          Interrupted: if ``preemption`` is requested; it is checked between batches.
+          Interrupted: if ``preemption`` is requested; it is checked between batches and
+            while the first batch compiles.
         """
         exp = self.exp
         start = time.perf_counter()
@@ -184,12 +186,16 @@ class Evaluator:
                     exp.conditioning.model_batch(batch, train=False), exp.mesh
                 )
                 mask = sharding.global_batch({"mask": batch["mask"]}, exp.mesh)["mask"]
+                # The first calls compile: in a worker thread when preemptible, so that a
+                # SIGTERM during the compilation is seen at once.
+                compiling = k == 0 and preemption is not None
                 if k == 0 and self.prepare is not None:
-                    prepared = self.prepare(
-                        params, inputs, jax.random.fold_in(base_key, PILOT_STREAM)
-                    )
+                    pilot_key = jax.random.fold_in(base_key, PILOT_STREAM)
+                    pilot = functools.partial(self.prepare, params, inputs, pilot_key)
+                    prepared = preemption.wait_for(pilot) if compiling else pilot()
                 key = jax.random.fold_in(base_key, k)
-                per_batch.append(self.step(params, inputs, mask, key, prepared))
+                step = functools.partial(self.step, params, inputs, mask, key, prepared)
+                per_batch.append(preemption.wait_for(step) if compiling else step())
         host = jax.device_get(per_batch)
         real = np.concatenate([mask for _, mask in host])
         values = _aggregate([estimate for estimate, _ in host], real)

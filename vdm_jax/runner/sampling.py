@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,9 @@ def draw(
     """``sample.num_samples`` integer samples [N, H, W, C], deterministic for the seed.
 
     Raises:
-      Interrupted: if ``preemption`` is requested; it is checked between sampler calls.
+      Interrupted: if ``preemption`` is requested; it is checked between sampler calls, and
+        during the first call (which compiles the sampler) it runs in a worker thread
+        (:meth:`Preemption.wait_for`) so that a signal is seen at once.
     """
     base_key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), SAMPLE_STREAM)
     num_batches = -(-exp.sample.num_samples // exp.sample.batch_size)
@@ -79,7 +82,9 @@ def draw(
     for k in range(num_batches):
         if preemption is not None:
             preemption.check()
-        batches.append(np.asarray(sample_fn(params, jax.random.fold_in(base_key, k))))
+        call = functools.partial(sample_fn, params, jax.random.fold_in(base_key, k))
+        samples = preemption.wait_for(call) if k == 0 and preemption is not None else call()
+        batches.append(np.asarray(samples))
     return np.concatenate(batches)[: exp.sample.num_samples]
 
 
