@@ -450,10 +450,21 @@ def test_garbage_reference_checkpoint_names_its_file(tmp_path):
 def test_workdir_that_is_a_file_or_read_only_fails_before_any_work(tmp_path):
     as_file = tmp_path / "file"
     as_file.write_text("")
-    result = _run(str(as_file), mode="eval")
-    assert result.returncode != 0 and "is a file, not a directory" in result.stderr
+    line = _error_line(_run(str(as_file), mode="eval"))
+    assert line == f"WorkdirError: workdir {str(as_file)!r} is a file, not a directory"
     with pytest.raises(workdir.WorkdirError, match="is a file"):
         workdir.prepare(str(as_file), create=True)
+
+
+def test_evaluating_a_workdir_without_checkpoints_is_one_line(tmp_path):
+    missing = str(tmp_path / "missing")
+    line = _error_line(_run(missing, mode="eval"))
+    assert line == f"WorkdirError: workdir {missing!r} does not exist; run --mode=train first"
+    line = _error_line(_run(str(tmp_path), mode="sample"))
+    assert line == (
+        f"FileNotFoundError: no readable checkpoint in {tmp_path}/checkpoints; "
+        "run --mode=train first"
+    )
 
 
 def _mount_tmpfs(target: str, options: str) -> bool:
