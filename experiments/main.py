@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -37,6 +38,14 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_CONFIG_RECORD = flags.DEFINE_enum(
+    "config_record",
+    "check",
+    ["check", "rewrite"],
+    "check: compare the config with the workdir's config.json and stop if that record is "
+    "damaged; rewrite: a damaged record is kept as config.json.damaged and written anew "
+    "from this run's config, listing the fields that can no longer be checked.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODES = {
@@ -55,15 +64,36 @@ class _QuietCheckpointing(std_logging.Filter):
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with an override of a config field that does not exist named in
-    one line (ml_collections raises a bare ``AttributeError: "'name'"`` for it)."""
+    one line (ml_collections raises ``AttributeError(KeyError("'name'\\nDid you mean ..."))``
+    for it, whose ``str`` is the repr of a repr: quotes escaped, the newline a literal ``\\n``).
+    """
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        name = str(e).strip("\"'")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        fields = [g[2:] for g in given if g.split(".")[-1] == name or f".{name}." in g]
-        field = fields[0] if fields else name
-        sys.exit(f"FATAL: {field} is not a config field (every field is listed in configs/base.py)")
+        sys.exit(unknown_field_message(e, argv))
+
+
+def unknown_field_message(error: BaseException, argv: list[str]) -> str:
+    """``FATAL: config.a.b is not a config field; did you mean config.a.c? (...)``: one line.
+
+    Args:
+      error: what ml_collections raised for the override (possibly wrapping a KeyError).
+      argv: the command line, to name the whole dotted field that was given.
+    """
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    first, *rest = text.splitlines() or [""]
+    name = first.strip("\"'")
+    close = re.search(r'Did you mean "([^"]+)"', " ".join(rest))
+    given = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+    parts = next((g.split(".") for g in given if name in g.split(".")[1:]), ["config", name])
+    field = ".".join(parts)
+    hint = ""
+    if close:
+        at = parts.index(name, 1)
+        hint = f"; did you mean {'.'.join([*parts[:at], close.group(1)])}?"
+    return f"FATAL: {field} is not a config field{hint} (every field is listed in configs/base.py)"
 
 
 # Errors whose message says everything: one line, no traceback.
@@ -82,7 +112,10 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         exp = experiment.build(_CONFIG.value)
-        MODES[_MODE.value](exp, _WORKDIR.value)
+        rewrite = _CONFIG_RECORD.value == "rewrite"
+        MODES[_MODE.value](exp, _WORKDIR.value, rewrite_config_record=rewrite)
+        if preemption.work_left_behind():  # Preempted during an evaluation's compilation.
+            _leave(0)
     except preemption.Interrupted:
         logging.warning("Preempted before a new step finished; nothing written.")
         _leave(0)  # A compilation may still run in a worker thread.

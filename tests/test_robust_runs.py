@@ -5,13 +5,18 @@ cause."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import flax.struct
@@ -24,6 +29,7 @@ from runner_helpers import (
     assert_trees_close,
     eval_record,
     eval_run,
+    flag_overrides,
     latest_step,
     main_command,
     restore,
@@ -36,11 +42,15 @@ from configs import base as base_config
 from vdm_jax.runner import (
     checkpoint,
     config_validation,
+    evaluate,
     experiment,
+    preemption,
     reference,
+    sampling,
     specs,
     state,
     workdir,
+    workdir_lock,
 )
 
 NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
@@ -365,14 +375,70 @@ def test_sigterm_before_any_new_step_exits_without_writing(tmp_path):
     assert not os.path.exists(os.path.join(path, "tensorboard"))
 
 
+class _SignalledWhileCompiling(preemption.Preemption):
+    """A preemption requested from inside the worker thread of :meth:`wait_for`, which then
+    holds its work until released: the SIGTERM that arrives during a compilation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def wait_for(self, fn):
+        def signalled():
+            self.request()
+            self.release.wait(120)
+            return fn()
+
+        return super().wait_for(signalled)
+
+
+def test_a_sigterm_during_the_eval_or_sampler_compilation_is_seen_at_once():
+    """The first evaluation batch and sampler call compile in the worker thread, so the
+    signal interrupts them while the compilation still runs (as the training step's does)."""
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    params = state.create_train_state(exp).ema_params
+    runs = {
+        "eval": lambda p: evaluate.Evaluator(exp)(params, p),
+        "sample": lambda p: sampling.draw(exp, params, sampling.make_sample_fn(exp), p),
+    }
+    for name, run in runs.items():
+        signalled = _SignalledWhileCompiling()
+        with pytest.raises(preemption.Interrupted):
+            run(signalled)
+        assert preemption.work_left_behind(), name  # The compilation still runs.
+        signalled.release.set()
+        for thread in threading.enumerate():
+            if thread.name == "vdm_jax-compile":
+                thread.join()
+
+
 # ---- 6. errors that name their cause, before any work -----------------------------------------
 
 
-def test_unknown_config_field_is_one_clear_line(tmp_path):
-    result = _run(str(tmp_path), "--config.training.bogus=1")
-    assert result.returncode != 0
-    assert "config.training.bogus is not a config field" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize(
+    ("flag", "line"),
+    [
+        (
+            "--config.training.bogus=1",
+            "FATAL: config.training.bogus is not a config field "
+            "(every field is listed in configs/base.py)",
+        ),
+        (
+            "--config.eval.num_examples=3",
+            "FATAL: config.eval.num_examples is not a config field; did you mean "
+            "config.eval.num_time_samples? (every field is listed in configs/base.py)",
+        ),
+        (
+            "--config.training.num_stepz=3",
+            "FATAL: config.training.num_stepz is not a config field; did you mean "
+            "config.training.num_steps? (every field is listed in configs/base.py)",
+        ),
+    ],
+)
+def test_unknown_config_field_is_one_clear_line(tmp_path, flag, line):
+    result = _run(str(tmp_path), flag)
+    assert _error_line(result) == line
+    assert result.stderr.strip() == line  # Nothing else: no escapes, no second line.
 
 
 def test_garbage_reference_checkpoint_names_its_file(tmp_path):
@@ -385,10 +451,21 @@ def test_garbage_reference_checkpoint_names_its_file(tmp_path):
 def test_workdir_that_is_a_file_or_read_only_fails_before_any_work(tmp_path):
     as_file = tmp_path / "file"
     as_file.write_text("")
-    result = _run(str(as_file), mode="eval")
-    assert result.returncode != 0 and "is a file, not a directory" in result.stderr
+    line = _error_line(_run(str(as_file), mode="eval"))
+    assert line == f"WorkdirError: workdir {str(as_file)!r} is a file, not a directory"
     with pytest.raises(workdir.WorkdirError, match="is a file"):
         workdir.prepare(str(as_file), create=True)
+
+
+def test_evaluating_a_workdir_without_checkpoints_is_one_line(tmp_path):
+    missing = str(tmp_path / "missing")
+    line = _error_line(_run(missing, mode="eval"))
+    assert line == f"WorkdirError: workdir {missing!r} does not exist; run --mode=train first"
+    line = _error_line(_run(str(tmp_path), mode="sample"))
+    assert line == (
+        f"FileNotFoundError: no readable checkpoint in {tmp_path}/checkpoints; "
+        "run --mode=train first"
+    )
 
 
 def _mount_tmpfs(target: str, options: str) -> bool:
@@ -441,3 +518,266 @@ def test_full_disk_is_one_clear_error(tmp_path, size, when):
             assert latest_step(path) is None
     finally:
         subprocess.run(["umount", path], check=False)
+
+
+# ---- 7. one training per workdir --------------------------------------------------------------
+
+# The absl prefix of an error line: "E0131 14:02:07.123456 12345 main.py:97] ".
+_ABSL_ERROR = r"E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ main\.py:\d+\] "
+_HOLDER = r"host (?P<host>\S+), pid (?P<pid>\d+), since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed run as the terminal shows it (absl's prefix removed):
+    the last line of stderr, with no traceback and no backslash escapes anywhere."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.rstrip("\n").splitlines()[-1]
+    assert "\\" not in line, line
+    return re.sub(f"^{_ABSL_ERROR}", "", line)
+
+
+def _locked_message(path: str) -> str:
+    lock = os.path.join(path, workdir_lock.LOCK_FILE)
+    return (
+        rf"workdir {re.escape(path)} is being trained by another run \({_HOLDER}; lock file "
+        rf"{re.escape(lock)}\): wait for it to finish, or stop it \(kill (?P=pid) on "
+        r"(?P=host)\) and run this command again to resume; --mode=eval and --mode=sample "
+        r"need no lock"
+    )
+
+
+def test_a_second_holder_is_refused_and_a_released_lock_is_free(tmp_path):
+    path = str(tmp_path)
+    with workdir_lock.hold(path):
+        with pytest.raises(workdir_lock.WorkdirLockedError) as error:
+            with workdir_lock.hold(path):
+                pass
+        message = re.fullmatch(_locked_message(path), str(error.value))
+        assert message, str(error.value)
+        assert message["host"] == socket.gethostname() and message["pid"] == str(os.getpid())
+    assert open(os.path.join(path, workdir_lock.LOCK_FILE)).read() == ""  # Released: empty.
+    with workdir_lock.hold(path):  # Free again.
+        pass
+
+
+_HOLD_SCRIPT = """
+import sys, time
+from vdm_jax.runner import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_holder_killed_with_sigkill_never_blocks_the_next_run(tmp_path, caplog):
+    path = str(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SCRIPT, path],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {holder.pid}, since"):
+            with workdir_lock.hold(path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs.
+        holder.wait()
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(path):
+        pass
+    assert f"ended without releasing it (host {socket.gethostname()}, pid {holder.pid}" in (
+        caplog.text
+    )
+
+
+def test_file_systems_without_shared_locks_use_a_heartbeat(tmp_path, monkeypatch, caplog):
+    """gcsfuse and the like: flock only sees this host, so a fresh heartbeat of another host
+    refuses, a stale one is taken over; without flock at all, a live pid here refuses too."""
+    path = str(tmp_path)
+    lock_file = os.path.join(path, workdir_lock.LOCK_FILE)
+    monkeypatch.setattr(workdir_lock, "filesystem_type", lambda _: "fuse.gcsfuse")
+
+    def holder(host: str, pid: int, age: float) -> None:
+        body = {"host": host, "pid": pid, "since": "2025-01-31T14:02:07+00:00"}
+        with open(lock_file, "w") as f:
+            json.dump({**body, "heartbeat": time.time() - age}, f)
+
+    holder("other-host", 4242, age=10)
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=r"last heartbeat 1\d s ago"):
+        with workdir_lock.hold(path):
+            pass
+    holder("other-host", 4242, age=workdir_lock.STALE_SECONDS + 1)
+    monkeypatch.setattr(workdir_lock, "HEARTBEAT_SECONDS", 0.05)
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(path):
+        assert "host other-host, pid 4242" in caplog.text
+        first = json.load(open(lock_file))["heartbeat"]
+        time.sleep(0.5)
+        assert json.load(open(lock_file))["heartbeat"] > first  # The heartbeat runs.
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+    holder(socket.gethostname(), os.getppid(), age=10)  # Alive, on this host.
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getppid()}"):
+        with workdir_lock.hold(path):
+            pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder(socket.gethostname(), dead.pid, age=10)
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(path):
+        assert "gives no locks" in caplog.text
+
+
+def test_filesystem_type_is_read_from_the_mount_table():
+    if not os.path.exists("/proc/self/mountinfo"):
+        pytest.skip("no /proc/self/mountinfo")
+    assert workdir_lock.filesystem_type("/proc/self") == "proc"
+    assert workdir_lock.filesystem_type(tempfile.gettempdir())
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, log: str) -> None:
+    deadline = time.monotonic() + 240
+    while not condition():
+        assert process.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, f"no {what} within 240 s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_training_is_refused_eval_runs_and_a_killed_one_resumes(tmp_path):
+    """Training 1 saves step 2 and then samples for minutes (holding the lock); training 2
+    is refused with one line; an evaluation runs alongside; training 1 is killed with
+    SIGKILL and training 3 resumes from step 2."""
+    path, log = str(tmp_path / "run"), str(tmp_path / "first.log")
+    slow = {
+        **NO_EVAL,
+        "training.sample_every": 2,
+        "sample.num_steps": 1000,
+        "sample.num_samples": 16 * 1000,
+    }
+    with open(log, "w") as out:
+        first = subprocess.Popen(
+            main_command(path, *flag_overrides(**slow)),
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(lambda: latest_step(path) == 2, "checkpoint 2", first, log)
+        second = _run(path, *flag_overrides(**slow))
+        line = _error_line(second)
+        message = re.fullmatch("WorkdirLockedError: " + _locked_message(path), line)
+        assert message and message["pid"] == str(first.pid), second.stderr
+        assert "Starting at step" not in second.stderr
+        assert _run(path, mode="eval").returncode == 0  # Readers need no lock.
+        assert os.path.exists(os.path.join(path, "eval_step_2.json"))
+        assert first.poll() is None, open(log).read()  # Still training all along.
+    finally:
+        first.kill()
+        first.wait()
+    third = _run(path, "--config.training.num_steps=4", *flag_overrides(**NO_EVAL))
+    assert third.returncode == 0, third.stderr
+    assert f"pid {first.pid}" in third.stderr and "Starting at step 2 of 4" in third.stderr
+    assert latest_step(path) == 4
+
+
+# ---- 8. records that cannot be misread ------------------------------------------------------
+
+
+def _damaged_record_line(path: str, problem: str) -> str:
+    record = os.path.join(path, workdir.RECORD)
+    return (
+        f"DamagedRecordError: {record} is damaged ({problem}); it records the config that "
+        "wrote this workdir's checkpoints, which every run is checked against. Restore it "
+        "from a copy, or run again with --config_record=rewrite to write it anew from this "
+        "run's config (the damaged file is kept as config.json.damaged and the fields that "
+        "can no longer be checked are listed)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "empty"),
+        (
+            b'{"seed": 0, "model": {"channels": 16,',
+            "truncated: its JSON stops mid-record at byte 37",
+        ),
+        (
+            b'{"seed": 0,, }',
+            "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 12",
+        ),
+        (b"\xff\xfe\x00garbage", "not text: invalid start byte at byte 0"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b'{"model": {}}', "it has no seed"),
+        (b'{"seed": 0, "model": 3}', "a section is not a JSON object"),
+    ],
+)
+def test_a_damaged_config_record_is_named_with_the_ways_on(tmp_path, content, problem):
+    path = str(tmp_path)
+    (tmp_path / workdir.RECORD).write_bytes(content)
+    exp = experiment.build(tiny_config(), jax.devices()[:1])
+    with pytest.raises(workdir.DamagedRecordError) as error:
+        workdir.check_config_record(exp, path)
+    assert f"{type(error.value).__name__}: {error.value}" == _damaged_record_line(path, problem)
+    assert (tmp_path / workdir.RECORD).read_bytes() == content  # Never overwritten.
+
+
+@pytest.mark.slow
+def test_damaged_records_stop_the_run_in_one_line_and_rewrite_is_explicit(tmp_path):
+    """A truncated config.json stops training and evaluation with one line and is left as
+    it is; --config_record=rewrite keeps it aside and writes it anew. A truncated checkpoint
+    metadata file (the digest's record) makes that checkpoint unreadable, not unverified. A
+    damaged feature-network cache stops sampling with one line."""
+    path = str(tmp_path)
+    train_run(
+        tiny_config(**NO_EVAL, **{"training.num_steps": 2, "training.checkpoint_every": 1}),
+        path,
+    )
+    record = tmp_path / workdir.RECORD
+    original = json.loads(record.read_text())
+    with open(record, "r+b") as f:
+        f.truncate(100)
+    damaged = record.read_bytes()
+    for mode in ("train", "eval"):
+        result = _run(path, mode=mode)
+        line = _damaged_record_line(path, "truncated: its JSON stops mid-record at byte 100")
+        assert _error_line(result) == line, mode
+        assert record.read_bytes() == damaged and latest_step(path) == 2
+
+    ckpts = checkpoint.checkpoint_dir(path)
+    with open(os.path.join(ckpts, "2", checkpoint.METADATA_FILE), "r+b") as f:
+        f.truncate(100)
+    result = _run(path, "--config_record=rewrite", mode="eval")
+    assert result.returncode == 0, result.stderr
+    assert "can no longer be checked" in result.stderr
+    assert "config.model.channels=16" in result.stderr
+    assert (tmp_path / "config.json.damaged").read_bytes() == damaged
+    rewritten = json.loads(record.read_text())  # This run's config: configs/test.py.
+    assert rewritten == workdir.config_record(experiment.build(tiny_config(), jax.devices()[:1]))
+    assert rewritten["model"] == original["model"] and rewritten["seed"] == original["seed"]
+    warning = (
+        f"Cannot read checkpoint {ckpts}/2 (CorruptCheckpointError: its metadata file "
+        "_CHECKPOINT_METADATA is damaged (JSONDecodeError: "
+    )
+    assert warning in result.stderr
+    assert json.load(open(os.path.join(path, "eval_step_1.json")))["step"] == 1
+
+    cache = tmp_path / "sample_quality" / "digits_features.npz"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(b"PK\x03\x04 a zip that stops here")
+    line = _error_line(_run(path, mode="sample"))
+    assert re.fullmatch(
+        rf"DamagedRecordError: {re.escape(str(cache))} is damaged \(\w+: [^()]+\); it caches "
+        r"the feature network of this workdir's sample-quality figures, so that they stay "
+        r"comparable\. Restore it from a copy, or delete it and the run fits the network "
+        r"again \(the same seed; another scikit-learn version may move the figures slightly\)",
+        line,
+    ), line
+    assert cache.read_bytes() == b"PK\x03\x04 a zip that stops here"

@@ -7,7 +7,9 @@ function of ``(seed, step)``) and the PRNG key is in the state. Checkpoints live
 Integrity: every save records a digest of the state (per leaf, two wrapping 32-bit sums of
 its words, the second position-weighted; computed on device) in the step's orbax metadata,
 and a restore recomputes and compares it, so flipped bytes are named as corruption instead
-of surfacing later as a diverged loss. A checkpoint that cannot be read (empty or partial
+of surfacing later as a diverged loss; a metadata file that no longer parses makes the
+checkpoint unreadable too (orbax itself would read it as "no digest" and skip the check).
+A checkpoint that cannot be read (empty or partial
 folder, missing metadata, truncated or corrupt data, digest mismatch) is reported in one
 warning with its folder and the reason, and the next older one is tried. Training moves an
 unreadable checkpoint to ``{workdir}/checkpoints_unreadable/`` (never deleting it) so that a
@@ -17,6 +19,7 @@ later save of the same step cannot collide with it; evaluation and sampling only
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any
@@ -33,6 +36,8 @@ from vdm_jax.runner.experiment import Experiment
 from vdm_jax.runner.state import TrainState
 
 DIGEST_KEY = "vdm_jax_state_digest"
+# Orbax's per-step metadata file, which holds the digest.
+METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
 class CorruptCheckpointError(ValueError):
@@ -119,13 +124,43 @@ def save(manager: ocp.CheckpointManager, train_state: TrainState, step: int) -> 
     logging.info("Saving checkpoint %d to %s.", step, manager.directory)
 
 
+def _recorded_digest(folder: str) -> list[list[int]] | None:
+    """The digest recorded in checkpoint ``folder``'s metadata; None for a checkpoint saved
+    without one (an older run), or without the metadata file (reported by the restore).
+
+    Raises:
+      CorruptCheckpointError: the metadata file or its digest does not parse.
+    """
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        digest = (meta.get("custom_metadata") or {}).get(DIGEST_KEY)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CorruptCheckpointError(
+            f"its metadata file {METADATA_FILE} is damaged ({type(e).__name__}: {e}), so the "
+            "digest recorded at saving cannot be read"
+        ) from e
+    well_formed = isinstance(digest, list) and all(
+        isinstance(row, list) and len(row) == 2 and all(isinstance(v, int) for v in row)
+        for row in digest
+    )
+    if digest is not None and not well_formed:
+        raise CorruptCheckpointError(
+            f"the digest in its metadata file {METADATA_FILE} is damaged (not [[sum, sum], ...])"
+        )
+    return digest
+
+
 def _restore_verified(
     manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
 ) -> TrainState:
     """Checkpoint ``step``, checked against its recorded digest (when it has one)."""
+    recorded = _recorded_digest(os.path.join(str(manager.directory), str(step)))
     tree = manager.restore(step, args=ocp.args.StandardRestore(_saved_tree(abstract_state)))
     restored = abstract_state.replace(**tree)
-    recorded = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
     if recorded is None:
         logging.info("Checkpoint %d has no recorded digest (an older run); not verified.", step)
         return restored

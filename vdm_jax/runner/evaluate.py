@@ -15,6 +15,7 @@ number of devices and hosts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -219,7 +220,8 @@ class Evaluator:
         """Evaluates ``params`` (in the state's layout) over the whole eval split.
 
         Raises:
-          Interrupted: if ``preemption`` is requested; it is checked between batches.
+          Interrupted: if ``preemption`` is requested; it is checked between batches and
+            while the first batch compiles.
         """
         exp = self.exp
         start = time.perf_counter()
@@ -247,12 +249,16 @@ class Evaluator:
                     exp.conditioning.model_batch(batch, train=False), exp.mesh
                 )
                 mask = sharding.global_batch({"mask": batch["mask"]}, exp.mesh)["mask"]
+                # The first calls compile: in a worker thread when preemptible, so that a
+                # SIGTERM during the compilation is seen at once.
+                compiling = k == 0 and preemption is not None
                 if k == 0 and self.prepare is not None:
-                    prepared = self.prepare(
-                        params, inputs, jax.random.fold_in(base_key, PILOT_STREAM)
-                    )
+                    pilot_key = jax.random.fold_in(base_key, PILOT_STREAM)
+                    pilot = functools.partial(self.prepare, params, inputs, pilot_key)
+                    prepared = preemption.wait_for(pilot) if compiling else pilot()
                 key = jax.random.fold_in(base_key, k)
-                per_batch.append(self.step(params, inputs, mask, key, prepared))
+                step = functools.partial(self.step, params, inputs, mask, key, prepared)
+                per_batch.append(preemption.wait_for(step) if compiling else step())
         host = jax.device_get(per_batch)
         real = np.concatenate([mask for _, mask in host])
         values = _aggregate([estimate for estimate, _ in host], real)
@@ -326,11 +332,14 @@ def _monte_carlo_note(result: EvalResult) -> str:
     return "" if mc is None else f" (Monte Carlo {mc:.4f})"
 
 
-def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
+def run_eval(
+    exp: Experiment, workdir: str, *, rewrite_config_record: bool = False
+) -> dict[str, Any]:
     """``--mode=eval``: bpd of the latest checkpoint's EMA parameters over the eval split.
 
     The workdir is checked first (a directory, writable, and its recorded config matching
-    the experiment's), so a long evaluation never ends in an unwritable result.
+    the experiment's), so a long evaluation never ends in an unwritable result;
+    ``rewrite_config_record`` writes a damaged record anew (``--config_record=rewrite``).
 
     Keeps the result as its protocol's record of the step (:func:`write`: another estimator's
     record is never touched; the same protocol re-run replaces its own, and says so), and
@@ -340,7 +349,7 @@ def run_eval(exp: Experiment, workdir: str) -> dict[str, Any]:
       The written record (:meth:`EvalResult.record`).
     """
     workdir_lib.prepare(workdir, create=False)
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     result = Evaluator(exp)(params)
     record, path, previous = write(result, workdir, step)

@@ -3,7 +3,8 @@ sampler calls, and while the first step compiles.
 
 Single-process runs install a handler that sets a flag; the loop saves at the next step
 boundary and returns, evaluation and sampling stop between batches (:class:`Interrupted`),
-and a compilation runs in a worker thread so that a signal during it is seen at once.
+and a compilation (the training step's, and the first evaluation batch's and sampler call's)
+runs in a worker thread so that a signal during it is seen at once.
 Multi-process runs leave SIGTERM to JAX's preemption service, which agrees on one step for
 all hosts (:meth:`Preemption.at_step`); the checks between batches are then off, since the
 hosts must agree on where to stop.
@@ -24,6 +25,7 @@ from jax.experimental import multihost_utils
 _T = TypeVar("_T")
 # How often a wait for a worker thread looks at the flag, in seconds.
 _POLL_SECONDS = 0.05
+_WORKER_NAME = "vdm_jax-compile"
 
 
 class Interrupted(Exception):
@@ -72,7 +74,7 @@ class Preemption:
             except BaseException as e:  # Re-raised in the main thread.
                 result["error"] = e
 
-        thread = threading.Thread(target=work, daemon=True, name="vdm_jax-compile")
+        thread = threading.Thread(target=work, daemon=True, name=_WORKER_NAME)
         thread.start()
         while thread.is_alive():
             thread.join(_POLL_SECONDS)
@@ -80,6 +82,12 @@ class Preemption:
         if "error" in result:
             raise result["error"]
         return result["value"]
+
+
+def work_left_behind() -> bool:
+    """Whether work that :meth:`Preemption.wait_for` abandoned still runs: the process must
+    then end with ``os._exit`` (the interpreter's shutdown would abort inside XLA)."""
+    return any(t.name == _WORKER_NAME and t.is_alive() for t in threading.enumerate())
 
 
 @contextlib.contextmanager

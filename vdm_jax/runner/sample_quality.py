@@ -14,7 +14,8 @@ Like FID it is biased upwards at small sample counts, and noisy, so compare figu
 same count; :func:`frechet_to_heldout` also reports as many real training images, what a
 perfect model would score up to that noise (at 64 images a set of samples can read below
 it; at 512, three seeds of one sampler spread over 14.3-17.1). The classifier is fitted
-once and cached in the workdir, so a run's figures keep one feature space. Datasets with a
+once and cached in the workdir, so a run's figures keep one feature space (a damaged cache
+stops the run, naming the file, rather than being refitted silently). Datasets with a
 feature network are the keys of :data:`FEATURE_NETS`; for the others the figure is not
 computed.
 """
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vdm_jax.runner import data
+from vdm_jax.runner.workdir import DamagedRecordError
 
 CACHE_DIR = "sample_quality"
 
@@ -78,11 +80,23 @@ def load_or_fit(dataset: str, workdir: str, write: bool = True) -> FeatureNet:
       dataset: a key of :data:`FEATURE_NETS`.
       workdir: the run's directory.
       write: save a newly fitted network (only the chief process should).
+
+    Raises:
+      DamagedRecordError: the cached network cannot be read; the file is left as it is.
     """
     path = os.path.join(workdir, CACHE_DIR, f"{dataset}_features.npz")
     if os.path.exists(path):
-        with np.load(path) as saved:
-            return FeatureNet(saved["weights"], saved["bias"], float(saved["test_accuracy"]))
+        try:
+            with np.load(path) as saved:
+                return FeatureNet(saved["weights"], saved["bias"], float(saved["test_accuracy"]))
+        except Exception as e:  # Truncated zip, missing member, bad array header, ...
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise DamagedRecordError(
+                f"{path} is damaged ({reason}); it caches the feature network of this "
+                "workdir's sample-quality figures, so that they stay comparable. Restore it "
+                "from a copy, or delete it and the run fits the network again (the same "
+                "seed; another scikit-learn version may move the figures slightly)"
+            ) from e
     net = FEATURE_NETS[dataset]()
     if write:
         os.makedirs(os.path.dirname(path), exist_ok=True)

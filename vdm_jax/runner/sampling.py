@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,9 @@ def draw(
     """``sample.num_samples`` integer samples [N, H, W, C], deterministic for the seed.
 
     Raises:
-      Interrupted: if ``preemption`` is requested; it is checked between sampler calls.
+      Interrupted: if ``preemption`` is requested; it is checked between sampler calls, and
+        during the first call (which compiles the sampler) it runs in a worker thread
+        (:meth:`Preemption.wait_for`) so that a signal is seen at once.
     """
     base_key = jax.random.fold_in(jax.random.PRNGKey(exp.seed), SAMPLE_STREAM)
     num_batches = -(-exp.sample.num_samples // exp.sample.batch_size)
@@ -79,7 +82,9 @@ def draw(
     for k in range(num_batches):
         if preemption is not None:
             preemption.check()
-        batches.append(np.asarray(sample_fn(params, jax.random.fold_in(base_key, k))))
+        call = functools.partial(sample_fn, params, jax.random.fold_in(base_key, k))
+        samples = preemption.wait_for(call) if k == 0 and preemption is not None else call()
+        batches.append(np.asarray(samples))
     return np.concatenate(batches)[: exp.sample.num_samples]
 
 
@@ -95,8 +100,11 @@ def quality(exp: Experiment, samples: np.ndarray, workdir: str) -> dict[str, flo
     return {f"samples/{k}": v for k, v in figures.items()}
 
 
-def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
+def run_sample(exp: Experiment, workdir: str, *, rewrite_config_record: bool = False) -> np.ndarray:
     """``--mode=sample``: ``sample.num_samples`` samples from the latest checkpoint.
+
+    The workdir is checked first, as for evaluation; ``rewrite_config_record`` writes a
+    damaged ``config.json`` anew (``--config_record=rewrite``).
 
     Writes ``{workdir}/samples/step_{step}.png`` and ``.npz`` (process 0), and logs the
     sample-quality figures of :func:`quality` to the console and TensorBoard.
@@ -105,7 +113,7 @@ def run_sample(exp: Experiment, workdir: str) -> np.ndarray:
       The samples, int32 [N, H, W, C].
     """
     workdir_lib.prepare(workdir, create=False)
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     params, step = checkpoint.restore_eval_params(exp, workdir)
     samples = draw(exp, params, make_sample_fn(exp))
     scalars = quality(exp, samples, workdir)

@@ -39,6 +39,7 @@ from vdm_jax.runner import (
     sampling,
     sharding,
     state,
+    workdir_lock,
 )
 from vdm_jax.runner import workdir as workdir_lib
 from vdm_jax.runner.experiment import Experiment
@@ -232,7 +233,9 @@ def make_save_check(exp: Experiment) -> Callable[[TrainState, dict[str, jax.Arra
     )
 
 
-def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
+def train_and_evaluate(
+    exp: Experiment, workdir: str, *, rewrite_config_record: bool = False
+) -> TrainState:
     """Trains from the newest good checkpoint in ``workdir`` (or from scratch) to the last step.
 
     Logs every ``training.log_every`` steps and at the end, evaluates (EMA parameters, whole
@@ -243,28 +246,36 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> TrainState:
     checkpoint is a good one and only good ones rotate older ones out; a non-finite loss,
     gradient or updated state raises ``FloatingPointError`` without saving. The workdir keeps
     the config that wrote it (:mod:`vdm_jax.runner.workdir`) and a changed config is refused before
-    any work. An unreadable or corrupt newest checkpoint is set aside and the next older one
-    used (:mod:`vdm_jax.runner.checkpoint`). On SIGTERM it saves at the next step boundary (or,
-    during an evaluation or sampling, at once) and returns; a signal before any new step
-    has finished (during the first compilation, say) raises
-    :class:`vdm_jax.runner.preemption.Interrupted` at once, having written nothing.
+    any work; a second training of the same workdir is refused while this one runs
+    (:mod:`vdm_jax.runner.workdir_lock`). An unreadable or corrupt newest checkpoint is set
+    aside and the next older one used (:mod:`vdm_jax.runner.checkpoint`). On SIGTERM it saves
+    at the next step boundary (or, during an evaluation or sampling, at once) and returns; a
+    signal before any new step has finished (during the first compilation, say) raises
+    :class:`vdm_jax.runner.preemption.Interrupted` at once, having written nothing (but the
+    emptied lock file).
 
     Args:
       exp: the experiment (:func:`vdm_jax.runner.experiment.build`).
       workdir: holds checkpoints, TensorBoard events, eval JSON files and samples.
+      rewrite_config_record: a damaged ``config.json`` is written anew from ``exp``
+        (``--config_record=rewrite``: :func:`vdm_jax.runner.workdir.check_config_record`).
 
     Returns:
       The final (or preempted) state.
     """
     with preemption.handle_sigterm() as preempt:
-        return _train(exp, workdir, preempt)
+        workdir_lib.prepare(workdir, create=True)
+        with workdir_lock.hold(workdir):
+            return _train(exp, workdir, preempt, rewrite_config_record)
 
 
-def _train(exp: Experiment, workdir: str, preempt: preemption.Preemption) -> TrainState:
-    """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt``."""
+def _train(
+    exp: Experiment, workdir: str, preempt: preemption.Preemption, rewrite_config_record: bool
+) -> TrainState:
+    """:func:`train_and_evaluate`'s loop, with SIGTERM already handled by ``preempt`` and the
+    workdir prepared and locked."""
     t = exp.training
-    workdir_lib.prepare(workdir, create=True)
-    workdir_lib.check_config_record(exp, workdir)
+    workdir_lib.check_config_record(exp, workdir, rewrite_damaged=rewrite_config_record)
     abstract = state.abstract_train_state(exp)
     workdir_lib.check_free_space(workdir, state.num_bytes(abstract))
     logging.info(

@@ -7,6 +7,11 @@ with it: a change to a field that defines the model, the objective or the data o
 refused, naming each such field with its old and new values; fields marked
 :func:`vdm_jax.runner.specs.may_change` (lengths, intervals, evaluation and sampling settings, the
 compute dtype, rematerialisation, the optimizer's step sizes) may change and are logged.
+
+A record that cannot be read back (truncated, not JSON, not the record's shape) is never
+overwritten silently: the run stops with one line naming the file and the two ways on
+(restore it, or ``--config_record=rewrite``, which keeps the damaged file beside it, lists the
+fields it can no longer check and writes the record anew from the run's config).
 """
 
 from __future__ import annotations
@@ -21,16 +26,23 @@ from typing import Any
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vdm_jax.runner import specs
 from vdm_jax.runner.config_validation import ConfigError
 from vdm_jax.runner.experiment import Experiment
 
 RECORD = "config.json"
+# Where ``--config_record=rewrite`` keeps a damaged record.
+DAMAGED_SUFFIX = ".damaged"
 
 
 class WorkdirError(OSError):
     """The workdir cannot hold a run's outputs (not a directory, not writable)."""
+
+
+class DamagedRecordError(WorkdirError):
+    """A record the run reads back from the workdir cannot be read."""
 
 
 def prepare(workdir: str, *, create: bool) -> None:
@@ -93,19 +105,97 @@ def write_config_record(exp: Experiment, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def check_config_record(exp: Experiment, workdir: str) -> None:
+def read_config_record(path: str) -> dict[str, Any]:
+    """The record at ``path``, checked to be a JSON object of sections.
+
+    Raises:
+      DamagedRecordError: naming the file, what is wrong with it and the ways on.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except json.JSONDecodeError as e:
+        if not e.doc.strip():
+            problem = "empty"
+        elif e.pos >= len(e.doc.rstrip()):
+            problem = f"truncated: its JSON stops mid-record at byte {len(e.doc.encode())}"
+        else:
+            problem = f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except UnicodeDecodeError as e:
+        problem = f"not text: {e.reason} at byte {e.start}"
+    except OSError as e:
+        problem = f"unreadable: {e.strerror or e}"
+    else:
+        if not isinstance(recorded, dict):
+            problem = f"a JSON {type(recorded).__name__}, not an object"
+        elif "seed" not in recorded:
+            problem = "it has no seed"
+        elif any(not isinstance(recorded.get(k, {}), dict) for k in specs.SECTIONS):
+            problem = "a section is not a JSON object"
+        else:
+            return recorded
+    raise DamagedRecordError(
+        f"{path} is damaged ({problem}); it records the config that wrote this workdir's "
+        "checkpoints, which every run is checked against. Restore it from a copy, or run "
+        "again with --config_record=rewrite to write it anew from this run's config (the "
+        f"damaged file is kept as {RECORD}{DAMAGED_SUFFIX} and the fields that can no longer "
+        "be checked are listed)"
+    )
+
+
+def _rewrite_config_record(exp: Experiment, workdir: str, error: DamagedRecordError) -> None:
+    """``--config_record=rewrite``: lists what cannot be checked, keeps the damaged record
+    as ``config.json.damaged`` and writes a new one from ``exp`` (process 0)."""
+    path = os.path.join(workdir, RECORD)
+    current = config_record(exp)
+    unchecked = [f"config.seed={current['seed']!r}"]
+    for section, cls in specs.SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            if not field.metadata.get("may_change"):
+                unchecked.append(f"config.{section}.{field.name}={current[section][field.name]!r}")
+    logging.warning(
+        "%s\n--config_record=rewrite: these fields define the model, the objective or the "
+        "data order and can no longer be checked against the run that wrote the checkpoints; "
+        "they are taken from this run's config (a model that does not match the checkpoints "
+        "will fail to restore them):\n  %s",
+        error,
+        "\n  ".join(unchecked),
+    )
+    if jax.process_index() == 0:
+        os.replace(path, path + DAMAGED_SUFFIX)
+        write_config_record(exp, workdir)
+        logging.warning("Kept the damaged record as %s%s; wrote %s.", path, DAMAGED_SUFFIX, path)
+
+
+def check_config_record(exp: Experiment, workdir: str, *, rewrite_damaged: bool = False) -> None:
     """Compares the experiment's config with the one that wrote ``workdir``.
 
     Nothing to compare when the workdir has no record.
 
+    Args:
+      exp: the experiment.
+      workdir: the run's directory.
+      rewrite_damaged: a damaged record is kept aside and written anew from ``exp``
+        (``--config_record=rewrite``) instead of stopping the run.
+
     Raises:
       ConfigError: naming every changed field that must not change, old and new values.
+      DamagedRecordError: the record cannot be read (and ``rewrite_damaged`` is False).
     """
     path = os.path.join(workdir, RECORD)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        recorded = read_config_record(path)
+    except DamagedRecordError as e:
+        if jax.process_count() > 1:  # Every process has read it before process 0 moves it.
+            multihost_utils.sync_global_devices("vdm_jax read damaged config record")
+        if not rewrite_damaged:
+            raise
+        _rewrite_config_record(exp, workdir, e)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vdm_jax rewrote config record")
+        return
     current = config_record(exp)
     refused, allowed = [], []
     if recorded.get("seed") != current["seed"]:
