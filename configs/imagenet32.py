@@ -16,6 +16,10 @@ Launch (after ``python -m experiments.prepare_data imagenet32 --manual_dir=DIR``
 
 Expect about 3.72 validation bpd after a paper-length run (no public checkpoint). Same
 U-Net as CIFAR-10, without dropout (ImageNet is large enough not to overfit).
+
+Variants:
+  resized: the Chrabaszcz et al. (2017) re-release (``imagenet32_resized``); compare with
+    papers that report on it, not with VDM's 3.72 bpd.
 """
 
 from __future__ import annotations

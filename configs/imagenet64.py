@@ -17,6 +17,10 @@ has 64 blocks of 256 channels (237.6M parameters), no dropout; bfloat16 compute 
 rematerialisation keep its activations in memory at 64x64. The train state (3.5 GiB) is
 replicated; ``--config.sharding.fsdp=-1`` splits it over every device (README: memory per
 device either way, and the widest U-Net that fits an 80 GB device).
+
+Variants:
+  resized: the Chrabaszcz et al. (2017) re-release (``imagenet64_resized``); compare with
+    papers that report on it, not with VDM's 3.40 bpd.
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ SPECS = _specs()
 INFOS = {
     "cifar10": data.DatasetInfo("cifar10", (32, 32, 3), 256, 10, 50000, 10000),
     "imagenet32": data.DatasetInfo("imagenet32", (32, 32, 3), 256, 0, 1281149, 49999),
+    "imagenet32_resized": data.DatasetInfo(
+        "imagenet32_resized", (32, 32, 3), 256, 0, 1281167, 50000
+    ),
+    "imagenet64_resized": data.DatasetInfo(
+        "imagenet64_resized", (64, 64, 3), 256, 0, 1281167, 50000
+    ),
     "imagenet64": data.DatasetInfo("imagenet64", (64, 64, 3), 256, 0, 1281149, 49999),
     "digits": data.DatasetInfo("digits", (8, 8, 1), 17, 10, 1500, 297),
 }
