@@ -22,7 +22,6 @@ from typing import Any
 import jax
 from absl import logging
 
-from vdm_jax.runner import specs
 from vdm_jax.runner.config_validation import ConfigError
 from vdm_jax.runner.experiment import Experiment
 
@@ -77,8 +76,8 @@ def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
 def config_record(exp: Experiment) -> dict[str, Any]:
     """The experiment's config as JSON values: ``{"seed", "data", "model", ...}``."""
     record: dict[str, Any] = {"seed": exp.seed}
-    for section in specs.SECTIONS:
-        record[section] = dataclasses.asdict(getattr(exp, section))
+    for section, records in exp.section_records().items():
+        record[section] = {k: v for r in records for k, v in dataclasses.asdict(r).items()}
     return json.loads(json.dumps(record))  # As it reads back (tuples as lists).
 
 
@@ -111,8 +110,9 @@ def check_config_record(exp: Experiment, workdir: str) -> None:
     refused, allowed = [], []
     if recorded.get("seed") != current["seed"]:
         refused.append(f"config.seed: {recorded.get('seed')!r} -> {current['seed']!r}")
-    for section, cls in specs.SECTIONS.items():
-        for field in dataclasses.fields(cls):
+    for section, records in exp.section_records().items():
+        fields = {f.name: f for r in reversed(records) for f in dataclasses.fields(r)}
+        for field in fields.values():  # a field that several records read: the spec's
             before = field.metadata.get("before", "<not recorded>")
             old = recorded.get(section, {}).get(field.name, before)
             new = current[section][field.name]
