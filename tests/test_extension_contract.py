@@ -16,7 +16,7 @@ import pytest
 from runner_helpers import tiny_config
 
 from vdm_jax import model, schedules
-from vdm_jax.runner import config_validation, eval_methods, experiment, state
+from vdm_jax.runner import config_validation, eval_methods, experiment, state, workdir
 
 
 def test_a_schedule_chosen_by_config_overrides_alone_trains_and_evaluates():
@@ -63,6 +63,24 @@ def test_an_out_of_range_setting_is_one_line_naming_its_field():
     # Another schedule does not read the field, so it does not check it.
     exp = experiment.build(tiny_config(**{"model.cosine_s": 2.0}), jax.devices()[:1])
     assert not hasattr(exp.schedule_settings, "cosine_s")
+
+
+def test_a_workdir_records_an_entry_setting_and_refuses_its_change(tmp_path):
+    """The schedule's own field defines the model: a run that resumes the workdir with
+    another value is refused; an eval method's settings may change."""
+    cosine = {"model.schedule": "learned_cosine", "model.cosine_s": 0.02}
+    exp = experiment.build(tiny_config(**cosine), jax.devices()[:1])
+    workdir.write_config_record(exp, str(tmp_path))
+    assert workdir.config_record(exp)["model"]["cosine_s"] == 0.02
+    other = experiment.build(tiny_config(**{**cosine, "model.cosine_s": 0.1}), jax.devices()[:1])
+    with pytest.raises(
+        config_validation.ConfigError, match=r"config\.model\.cosine_s: 0\.02 -> 0\.1"
+    ):
+        workdir.check_config_record(other, str(tmp_path))
+    more = experiment.build(
+        tiny_config(**{**cosine, "eval.num_time_samples": 6}), jax.devices()[:1]
+    )
+    workdir.check_config_record(more, str(tmp_path))  # allowed, and logged
 
 
 def test_an_entry_field_missing_from_the_config_is_named():

@@ -129,6 +129,15 @@ class _LearnedEndpoints(nn.Module):
         return gamma_0, jnp.exp(log_range)
 
 
+class LearnedLinearSchedule(_LearnedEndpoints):
+    """Linear in t between two learned endpoints (parameters ``gamma_min``, ``log_gamma_range``)."""
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        gamma_0, gamma_range = self.endpoints()
+        return gamma_0 + gamma_range * t
+
+
 class LearnedCosineSchedule(_LearnedEndpoints):
     """Learned endpoints and the cosine schedule's shape between them (Nichol & Dhariwal 2021).
 
@@ -189,15 +198,6 @@ def cosine_time(gamma: float, s: float) -> float:
     sig_neg = 1.0 / (1.0 + math.exp(gamma)) if gamma < 700 else 0.0
     u = math.atan2(math.sqrt(math.sin(a * s) ** 2 + cos2_0 * sig), math.sqrt(cos2_0 * sig_neg))
     return u / a - s
-
-
-class LearnedLinearSchedule(_LearnedEndpoints):
-    """Linear in t between two learned endpoints (parameters ``gamma_min``, ``log_gamma_range``)."""
-
-    @nn.compact
-    def __call__(self, t: jax.Array) -> jax.Array:
-        gamma_0, gamma_range = self.endpoints()
-        return gamma_0 + gamma_range * t
 
 
 class MonotoneNetSchedule(_LearnedEndpoints):

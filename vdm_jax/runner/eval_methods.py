@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from vdm_jax import diffusion, elbo_estimators, ode_likelihood, schedules
 from vdm_jax.model import LossConfig
+from vdm_jax.runner.specs import may_change
 from vdm_jax.settings import Settings, is_int, is_number, out_of_range, unknown_name
 
 # Term names of ``diffusion.vdm_terms`` -> the names reported for them.
@@ -56,8 +57,9 @@ Prepare = Callable[..., Any]
 class EvalSettings(Settings):
     """Base of an estimator's settings record (fields: keys of ``config.eval``).
 
-    Its fields are recorded with the results (:meth:`as_dict`); its methods declare what
-    the runner and the config checks read.
+    Its fields are recorded with the results (:meth:`as_dict`) and may change between runs
+    of a workdir (:func:`vdm_jax.runner.specs.may_change`); its methods declare what the
+    runner and the config checks read.
     """
 
     def term_names(self) -> tuple[str, ...]:
@@ -79,7 +81,7 @@ class EvalSettings(Settings):
 class ElboSettings(EvalSettings):
     """An ELBO estimator: ``num_time_samples`` network evaluations per image."""
 
-    num_time_samples: int
+    num_time_samples: int = may_change()
 
     def problems(self) -> list[str]:
         n = self.num_time_samples
@@ -109,7 +111,7 @@ class ImportanceSettings(PerImageElboSettings):
     """As :class:`PerImageElboSettings`, under a proposal q(t) of ``proposal_bins`` equal
     time bins fitted on a pilot batch (:func:`fit_time_proposal`)."""
 
-    proposal_bins: int
+    proposal_bins: int = may_change()
 
     def problems(self) -> list[str]:
         m = self.proposal_bins
@@ -126,12 +128,12 @@ class OdeSettings(EvalSettings):
     below the bound (by 0.26 bpd on the digits model with 4 draws).
     """
 
-    ode_rtol: float
-    ode_atol: float
-    ode_divergence: str
-    ode_dequant_samples: int
-    ode_dequantization: str
-    ode_importance_weighted: bool
+    ode_rtol: float = may_change()
+    ode_atol: float = may_change()
+    ode_divergence: str = may_change()
+    ode_dequant_samples: int = may_change()
+    ode_dequantization: str = may_change()
+    ode_importance_weighted: bool = may_change()
 
     def problems(self) -> list[str]:
         draws = self.ode_dequant_samples

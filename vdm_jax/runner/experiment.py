@@ -90,10 +90,11 @@ class Experiment:
         return self.conditioning.num_classes(self.info)
 
     def section_records(self) -> dict[str, tuple[Any, ...]]:
-        """Each config section's typed records: its spec and, for ``model``, the schedule's
-        settings (whose own fields, such as ``cosine_s``, are keys of the section too)."""
+        """Each config section's typed records: its spec and the settings of the entries it
+        names (whose fields, such as ``model.cosine_s``, are keys of the section too)."""
         records: dict[str, tuple[Any, ...]] = {s: (getattr(self, s),) for s in specs.SECTIONS}
         records["model"] += (self.schedule_settings,)
+        records["eval"] += (self.eval_settings,)
         return records
 
     def replace(self, **changes: Any) -> Experiment:
