@@ -41,7 +41,7 @@ class Estimate(NamedTuple):
       mc_stderr: [B] the Monte Carlo standard error of each image's ``bpd`` (given the image),
         or None when the method has no replicates to measure it.
       num_function_evals: [B] network evaluations spent on each image, or None when fixed
-        (:attr:`EvalMethod.network_evals_per_image`).
+        (:meth:`EvalSettings.network_evals_per_image`).
     """
 
     terms: dict[str, jax.Array]
