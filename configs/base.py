@@ -11,8 +11,9 @@ Fields:
   data.vocab_size: K, checked against the dataset (the bpd depends on it).
   data.data_dir: TFDS data directory (None: TFDS's default).
   data.augment: random dihedral (D4) augmentation of training images.
-  model.*: the noise schedule (a :data:`vdm_jax.schedules.SCHEDULES` entry), the loss and
-    the score U-Net (see :mod:`vdm_jax.unet`). ``conditioning`` is a
+  model.*: the noise schedule (a :data:`vdm_jax.schedules.SCHEDULES` entry, whose settings
+    record reads and checks the fields it uses), the loss and the score U-Net (see
+    :mod:`vdm_jax.unet`). ``conditioning`` is a
     :data:`vdm_jax.runner.conditioning.CONDITIONINGS` entry: "none", "label" (the dataset's class)
     or "augmentation" (the D4 index; needs ``data.augment``; evaluation and sampling use the
     identity, 0). ``parameterization`` (a :data:`vdm_jax.parameterizations.PARAMETERIZATIONS`
@@ -62,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Noise schedule: monotone network with learned endpoints (paper, appendix).
     config.model.schedule = "monotone_net"
     config.model.schedule_width = 1024  # Hidden width of the network schedules.
+    # "learned_cosine" only: the offset s of Improved DDPM's cosine schedule, in [0, 1].
+    config.model.cosine_s = 0.008
     # Per-dimension schedules ("per_dim_*"): one gamma per "dimension" or per "channel".
     config.model.schedule_per = "dimension"
     # > 0: an auxiliary latent c ~ q(c | x) of this size adapts a per-dimension schedule to
@@ -142,6 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
     # dequantized. All but "elbo" need a continuous-time model.
     config.eval.method = "elbo"
     config.eval.num_time_samples = 1  # Network evaluations per image of the ELBO methods.
+    config.eval.proposal_bins = 32  # "elbo_importance" only: equal time bins of its q(t).
     config.eval.ode_rtol = 1e-5
     config.eval.ode_atol = 1e-5
     config.eval.ode_divergence = "hutchinson"  # "exact" only for small images.

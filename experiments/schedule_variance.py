@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm_jax import diffusion, elbo_estimators, model, schedules, weightings
+from vdm_jax import diffusion, elbo_estimators, model, weightings
 from vdm_jax.runner import checkpoint, data, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     exp = experiment.build(_CONFIG.value)
     if exp.conditioning.conditional:
         raise app.UsageError("only unconditional models (config.model.conditioning='none')")
-    if schedules.SCHEDULES[exp.model.schedule].per_dimension:
+    if exp.schedule.per_dimension:
         raise app.UsageError(
             "only scalar schedules: the comparison is with the linear schedule of the same "
             f"endpoints, and config.model.schedule={exp.model.schedule!r} is per dimension"

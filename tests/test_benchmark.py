@@ -188,7 +188,7 @@ def test_widest_fitting_width_fits_and_the_next_does_not():
     def total(layout: str, channels: int) -> int:
         spec = dataclasses.replace(exp.model, channels=channels)
         wide = exp.replace(
-            model=spec, vdm=spec.build(exp.num_classes, exp.info.shape, exp.info.vocab_size)
+            model=spec, vdm=spec.build(exp.vdm.schedule, exp.num_classes, exp.info.vocab_size)
         )
         shapes = state.state_shapes(wide)
         activations = memory.saved_activation_bytes(

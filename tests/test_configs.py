@@ -199,8 +199,8 @@ def test_a_variant_comes_after_a_colon():
         ({"eval.batch_size": 100}, r"config\.eval\.batch_size=100 .* 8 devices"),
         (
             {"model.schedule": "cosine"},
-            r"config\.model\.schedule='cosine' .*allowed: \['fixed_linear', 'learned_linear', "
-            r"'monotone_net'",
+            r"config\.model\.schedule='cosine' .*allowed: \['fixed_linear', 'learned_cosine', "
+            r"'learned_linear', 'monotone_net'",
         ),
         ({"sample.sampler": "euler"}, r"config\.sample\.sampler='euler'.*'ancestral', 'ddim'"),
         ({"sample.decode": "mean"}, r"config\.sample\.decode='mean'.*'argmax', 'sample'"),
@@ -232,6 +232,11 @@ def test_a_variant_comes_after_a_colon():
         ({"optimizer.ema_rate": 1.0}, r"config\.optimizer\.ema_rate=1\.0 .*\[0, 1\)"),
         ({"optimizer.decay_steps": -1}, r"config\.optimizer\.decay_steps=-1 .*integer >= 0"),
         ({"model.gamma_min": 6.0}, r"config\.model\.gamma_min=6\.0 must be below"),
+        ({"model.schedule_width": 0}, r"config\.model\.schedule_width=0 .*integer >= 1"),
+        (
+            {"model.schedule": "learned_cosine", "model.cosine_s": -0.5},
+            r"config\.model\.cosine_s=-0\.5 is out of range \(allowed: a number in \[0, 1\]\)",
+        ),
         ({"seed": -1}, r"config\.seed=-1"),
         ({"model.schedule": "reference_net"}, r"schedule_grad='variance' needs .*'elbo'"),
         ({"model.conditioning": "class"}, r"config\.model\.conditioning='class'.*'augmentation'"),

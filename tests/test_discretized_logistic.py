@@ -229,7 +229,7 @@ def test_missing_vocabulary_wrong_width_and_added_z_are_refused():
     config.model.parameterization = "discretized_logistic"
     spec = specs.from_section(specs.ModelSpec, config.model)
     with pytest.raises(ValueError, match="needs the vocabulary size"):
-        spec.build(0, (8, 8, 1), vocab_size=0)
+        spec.build(schedules.FixedLinearSchedule(), 0, vocab_size=0)
     config.model.add_z_to_eps = True
     with pytest.raises(ValueError, match=r"outputs a distribution .* add_z_to_eps"):
         config_validation.validate(config, num_devices=1, process_count=1)

@@ -112,8 +112,15 @@ def test_eval_settings_are_validated():
         ),
         ({"eval.bogus": 1}, "eval.bogus is not a field"),
         ({"eval.method": "exact"}, "eval.method"),
-        ({"eval.ode_rtol": 0.0}, "eval.ode_rtol"),
-        ({"eval.ode_dequantization": "variational"}, "eval.ode_dequantization"),
+        ({"eval.method": "ode", "eval.ode_rtol": 0.0}, r"config\.eval\.ode_rtol=0\.0 is out of"),
+        (
+            {"eval.method": "ode", "eval.ode_dequantization": "variational"},
+            r"config\.eval\.ode_dequantization='variational' is not a known name",
+        ),
+        (
+            {"eval.method": "elbo_importance", "eval.num_time_samples": 4, "eval.proposal_bins": 0},
+            r"config\.eval\.proposal_bins=0 is out of range \(allowed: an integer >= 1\)",
+        ),
         (
             {"eval.method": "ode", "eval.ode_importance_weighted": True},
             r"ode_importance_weighted=True needs config\.eval\.ode_dequant_samples >= 2",
@@ -146,8 +153,10 @@ def test_shifted_grid_elbo_is_unbiased_and_reports_its_monte_carlo_error():
 
     @jax.jit
     def shifted(key):
-        method = eval_methods.EVAL_METHODS["elbo_shifted"]
-        return method.estimate(gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval)
+        method = exp.eval_method
+        return method.estimate(
+            gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval_settings
+        )
 
     @jax.jit
     def training_estimator(key):
@@ -188,9 +197,10 @@ def test_ode_eval_reports_the_importance_weighted_bound(dequantization):
     def gamma_fn(t):
         return -8.0 + 13.0 * t
 
-    method = eval_methods.EVAL_METHODS["ode"]
+    method = exp.eval_method
+    assert method is eval_methods.EVAL_METHODS["ode"]
     key = jax.random.key(1)
-    out = method.estimate(gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval)
+    out = method.estimate(gamma_fn, eps_fn, x, key, None, loss=exp.loss, settings=exp.eval_settings)
     direct = ode_likelihood.ode_bpd(
         key,
         x,
@@ -207,15 +217,20 @@ def test_ode_eval_reports_the_importance_weighted_bound(dequantization):
     np.testing.assert_array_equal(out.terms["bpd_per_draw"], direct.bpd)
     assert np.all(np.asarray(out.terms["bpd"]) < np.asarray(out.terms["bpd_per_draw"]))
     assert out.mc_stderr is None
-    assert method.settings(exp.eval)["ode_importance_weighted"] is True
+    assert exp.eval_settings.as_dict()["ode_importance_weighted"] is True
 
 
 @pytest.mark.parametrize("name", sorted(eval_methods.EVAL_METHODS))
 def test_every_eval_method_keeps_its_declared_contract(name):
-    """Per-image outputs [B] with the declared terms, for any registry entry (traced only)."""
+    """Per-image outputs [B] with the terms its settings declare, for any registry entry
+    (traced only); the experiment holds the entry and its settings record, whose fields are
+    what the results record."""
     method = eval_methods.EVAL_METHODS[name]
-    settings = {"eval.method": name, "eval.num_time_samples": 4}
-    exp = experiment.build(tiny_config(**settings), jax.devices()[:1])
+    exp = experiment.build(
+        tiny_config(**{"eval.method": name, "eval.num_time_samples": 4}), jax.devices()[:1]
+    )
+    assert exp.eval_method is method and type(exp.eval_settings) is method.settings
+    settings = exp.eval_settings
     x = jnp.zeros((6, 8, 8, 1), jnp.int32)
     eps_fn = exact_eps_fn(0.0, 0.6)
 
@@ -225,14 +240,13 @@ def test_every_eval_method_keeps_its_declared_contract(name):
     def run(key):
         prepared = None
         if method.prepare is not None:
-            prepared = method.prepare(gamma_fn, eps_fn, x, key, loss=exp.loss, settings=exp.eval)
-        return method.estimate(gamma_fn, eps_fn, x, key, prepared, loss=exp.loss, settings=exp.eval)
+            prepared = method.prepare(gamma_fn, eps_fn, x, key, loss=exp.loss, settings=settings)
+        return method.estimate(gamma_fn, eps_fn, x, key, prepared, loss=exp.loss, settings=settings)
 
     out = jax.eval_shape(run, jax.random.key(0))
-    assert set(out.terms) == set(method.term_names(exp.eval)) and "bpd" in out.terms
+    assert set(out.terms) == set(settings.term_names()) and "bpd" in out.terms
     for value in (*out.terms.values(), out.mc_stderr, out.num_function_evals):
         assert value is None or value.shape == (6,)
-    evals = method.network_evals_per_image(exp.eval)
+    evals = settings.network_evals_per_image()
     assert (evals is None) == (out.num_function_evals is not None)
-    assert method.check(exp.eval) == []
-    assert set(method.settings(exp.eval)) <= set(dir(exp.eval))
+    assert set(settings.as_dict()) <= config_validation.section_fields("eval")

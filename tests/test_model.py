@@ -13,6 +13,10 @@ from vdm_jax import model as vdm_model
 K, DIMS = 17, 16
 
 
+# The schedule of these tests, and its declared split of the parameters.
+MONOTONE = schedules.SCHEDULES["monotone_net"]
+
+
 def _denoiser(params, z, gamma_t):
     """A small learnable denoiser whose output depends on z and gamma_t."""
     h = jnp.tanh(z @ params["w1"] + gamma_t[:, None] * params["wg"])
@@ -88,7 +92,12 @@ def test_variance_gradients(timesteps):
     sched, s_params, d_params, x = _setup(seed=1)
     key = jax.random.key(3)
     elbo_cfg = vdm_model.LossConfig(vocab_size=K, timesteps=timesteps)
-    var_cfg = vdm_model.LossConfig(vocab_size=K, timesteps=timesteps, schedule_grad="variance")
+    var_cfg = vdm_model.LossConfig(
+        vocab_size=K,
+        timesteps=timesteps,
+        schedule_grad="variance",
+        variance_params=MONOTONE.variance_params,
+    )
     (loss_e, _), (g_sched_e, g_net_e) = _grads(sched, s_params, d_params, x, key, elbo_cfg)
     (loss_v, _), (g_sched_v, g_net_v) = _grads(sched, s_params, d_params, x, key, var_cfg)
 
@@ -101,7 +110,7 @@ def test_variance_gradients(timesteps):
 
     want = jax.grad(second_moment)(s_params)
     for name in s_params:
-        if name in schedules.ENDPOINT_PARAMS:
+        if name in MONOTONE.endpoint_params:
             np.testing.assert_array_equal(g_sched_v[name], g_sched_e[name])
         else:
             np.testing.assert_allclose(g_sched_v[name], want[name], rtol=1e-3, atol=1e-4)
@@ -116,7 +125,12 @@ def test_variance_gradient_lowers_the_variance_and_keeps_the_mean():
     spread = float(np.std(diffusion.encode(jnp.arange(K), K)))
     denoise = lambda p, z, g: exact_eps_fn(0.0, spread)(z, g)  # noqa: E731
     schedule_fn = lambda p, t: sched.apply({"params": p}, t)  # noqa: E731
-    cfg = vdm_model.LossConfig(vocab_size=K, antithetic_time=False, schedule_grad="variance")
+    cfg = vdm_model.LossConfig(
+        vocab_size=K,
+        antithetic_time=False,
+        schedule_grad="variance",
+        variance_params=MONOTONE.variance_params,
+    )
 
     def measure(p, n=50_000):
         x = jax.random.randint(jax.random.key(123), (n, DIMS), 0, K)
@@ -132,7 +146,7 @@ def test_variance_gradient_lowers_the_variance_and_keeps_the_mean():
     def step(p, opt_state, key):
         x = jax.random.randint(jax.random.fold_in(key, 1), (256, DIMS), 0, K)
         _, (g, _) = vdm_model.loss_and_grads(schedule_fn, p, denoise, {}, x, key, cfg)
-        g = {k: jnp.zeros_like(v) if k in schedules.ENDPOINT_PARAMS else v for k, v in g.items()}
+        g = {k: jnp.zeros_like(v) if k in MONOTONE.endpoint_params else v for k, v in g.items()}
         updates, opt_state = optimizer.update(g, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
@@ -182,7 +196,9 @@ def test_bfloat16_network_keeps_the_loss_math_in_float32():
 
 def test_a_uniform_proposal_gives_the_uniform_time_gradients():
     sched, s_params, d_params, x = _setup(seed=4)
-    cfg = vdm_model.LossConfig(vocab_size=K, schedule_grad="variance")
+    cfg = vdm_model.LossConfig(
+        vocab_size=K, schedule_grad="variance", variance_params=MONOTONE.variance_params
+    )
     key = jax.random.key(2)
     plain = _grads(sched, s_params, d_params, x, key, cfg)
     uniform = elbo_estimators.uniform_proposal(32)

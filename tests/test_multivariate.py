@@ -383,7 +383,12 @@ def test_the_time_warp_leaves_the_elbo_and_trains_on_the_variance():
     params = {"curvature": jnp.array([2.0, -2.0]), "warp_linear": jnp.array(1.7)}
     grads = {"elbo": [], "variance": []}
     for mode in grads:
-        cfg = model.LossConfig(vocab_size=VOCAB, schedule_grad=mode)
+        cfg = model.LossConfig(
+            vocab_size=VOCAB,
+            schedule_grad=mode,
+            variance_params=frozenset({"warp_linear"}),
+            per_dimension=True,
+        )
         step = jax.jit(
             lambda key, cfg=cfg: model.loss_and_grads(
                 warped, params, lambda p, z, g: _restricted_eps_fn(z, g), {},
@@ -452,7 +457,9 @@ def test_an_adaptive_vdm_starts_input_independent_and_trains_every_part():
     from vdm_jax.runner import specs
 
     spec = specs.from_section(specs.ModelSpec, spec_config.model)
-    vdm = spec.build(0, (8, 8, 1))
+    kind = schedules.SCHEDULES[spec.schedule]
+    schedule = kind.build(kind.settings.from_section(spec_config.model), (8, 8, 1))
+    vdm = spec.build(schedule, 0)
     x = jax.random.randint(jax.random.key(0), (4, 8, 8, 1), 0, 17)
     init = jax.jit(lambda key: vdm.init(key, jnp.zeros((4, 8, 8, 1)), jnp.zeros((4,))))
     params = init(jax.random.key(1))["params"]

@@ -86,7 +86,8 @@ def trained():
         schedules.make_schedule("monotone_net", gamma_min=-6.0, gamma_max=5.0, width=16),
         MLPScore(),
     )
-    cfg = model.LossConfig(vocab_size=K, schedule_grad="variance")
+    variance_params = schedules.SCHEDULES["monotone_net"].variance_params
+    cfg = model.LossConfig(vocab_size=K, schedule_grad="variance", variance_params=variance_params)
     x0 = jnp.zeros((1, *SHAPE), jnp.float32)
     params = vdm.init(jax.random.key(0), x0, jnp.zeros((1,)))["params"]
     optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.05))

@@ -95,25 +95,85 @@ def test_fixed_linear_has_no_parameters_and_bad_settings_raise():
 
 @pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
 def test_every_registered_schedule_keeps_its_declared_properties(name):
-    """Non-decreasing for random parameters; ``splits_endpoints``: the interior parameters
-    leave gamma(0) and gamma(1) exactly where the endpoint parameters put them."""
+    """From the entry alone: its default settings build it; non-decreasing for random
+    parameters, of the declared shape (``per_dimension``); the declared parameter names
+    exist; moving every parameter but ``endpoint_params`` (or only ``variance_params``)
+    leaves gamma(0) and gamma(1) exactly where they were; without endpoint parameters,
+    moving the others moves them."""
     kind = schedules.SCHEDULES[name]
-    module = kind.build(-13.3, 5.0, width=16, event_shape=(2, 3, 1))
-    if not kind.per_dimension:
-        assert (getattr(module, "width", None) == 16) == kind.takes_width
+    module = kind.build(kind.settings(), image_shape=(2, 3, 1))
     params = module.init(jax.random.key(0), T_GRID)
     for seed in range(3):
         noisy = _randomise(params, seed, 1.0)
         gamma = np.asarray(module.apply(noisy, T_GRID))
         assert gamma.shape == ((len(T_GRID), 2, 3, 1) if kind.per_dimension else T_GRID.shape)
         assert np.all(np.diff(gamma, axis=0) >= 0), name
-    if not jax.tree.leaves(params):
+    names = {path[-1].key for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert (kind.endpoint_params is None) == (kind.variance_params is None), name
+    if kind.endpoint_params is not None:
+        assert kind.endpoint_params | kind.variance_params <= names, name
+        assert not kind.endpoint_params & kind.variance_params, name
+    if not names:
         return  # A fixed schedule: nothing to split.
 
-    def interior_only(path, leaf, noisy_leaf):
-        return leaf if path[-1].key in schedules.ENDPOINT_PARAMS else noisy_leaf
+    def moved(keep):
+        def pick(path, leaf, noisy_leaf):
+            return leaf if keep(path[-1].key) else noisy_leaf
 
-    moved = jax.tree_util.tree_map_with_path(interior_only, params, _randomise(params, 7, 1.0))
+        return jax.tree_util.tree_map_with_path(pick, params, _randomise(params, 7, 1.0))
+
     ends = jnp.array([0.0, 1.0])
-    same = np.allclose(module.apply(moved, ends), module.apply(params, ends), atol=1e-5)
-    assert same == kind.splits_endpoints, name
+
+    def same_ends(p):
+        return np.allclose(module.apply(p, ends), module.apply(params, ends), atol=1e-5)
+
+    declared = kind.endpoint_params or frozenset()
+    assert same_ends(moved(lambda n: n in declared)) == (kind.endpoint_params is not None), name
+    if kind.variance_params:
+        assert same_ends(moved(lambda n: n not in kind.variance_params)), name
+
+
+def test_learned_cosine_is_improved_ddpm_between_its_endpoints():
+    """At its initial endpoints the schedule is -log SNR of Nichol & Dhariwal's
+    alpha_bar(tau) = cos^2(((tau + s) / (1 + s)) pi / 2) / cos^2(s / (1 + s) pi / 2) on the
+    tau interval from gamma_min to gamma_max (found here by bisection of the closed form, in
+    float64); moved endpoints map it affinely; strictly increasing for any parameters."""
+    s, lo, hi = 0.008, -13.3, 5.0
+
+    def gamma_nd(tau):  # float64 closed form
+        f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+        alpha_bar = f(tau) / f(0.0)
+        return np.log1p(-alpha_bar) - np.log(alpha_bar)
+
+    def solve(target):
+        a, b = 1e-12, 1.0 - 1e-12
+        for _ in range(200):
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if gamma_nd(mid) < target else (a, mid)
+        return 0.5 * (a + b)
+
+    tau_0, tau_1 = solve(lo), solve(hi)
+    assert schedules.cosine_time(lo, s) == pytest.approx(tau_0, rel=1e-9)
+    assert schedules.cosine_time(hi, s) == pytest.approx(tau_1, rel=1e-9)
+    t = np.linspace(0.0, 1.0, 257)
+    want = gamma_nd(tau_0 + (tau_1 - tau_0) * t)
+    module, params = _init("learned_cosine", gamma_min=lo, gamma_max=hi, s=s)
+    gamma = np.asarray(module.apply(params, jnp.asarray(t, jnp.float32)), np.float64)
+    np.testing.assert_allclose(gamma, want, atol=2e-4)
+    np.testing.assert_allclose(gamma[[0, -1]], [lo, hi], atol=1e-5)
+    moved = {"params": {"gamma_min": jnp.array(-9.0), "log_gamma_range": jnp.log(12.0)}}
+    gamma = np.asarray(module.apply(moved, jnp.asarray(t, jnp.float32)), np.float64)
+    np.testing.assert_allclose(gamma, -9.0 + 12.0 * (want - lo) / (hi - lo), atol=2e-4)
+    np.testing.assert_allclose(gamma[[0, -1]], [-9.0, 3.0], atol=1e-5)
+    # s = 0: the plain cosine schedule, gamma = 2 log tan(pi tau / 2).
+    tau = np.linspace(0.01, 0.99, 99)
+    np.testing.assert_allclose(
+        schedules.cosine_gamma(jnp.asarray(tau, jnp.float32), 0.0),
+        2 * np.log(np.tan(np.pi * tau / 2)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for seed in range(5):
+        noisy = _randomise(params, seed, 2.0)
+        _, dgamma = schedules.gamma_and_derivative(lambda u, p=noisy: module.apply(p, u), T_GRID)
+        assert np.all(np.asarray(dgamma) > 0)

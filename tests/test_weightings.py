@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gaussian import exact_eps_fn
-from test_model import DIMS, K, _denoiser, _grads, _setup, assert_grads_close
+from test_model import DIMS, MONOTONE, K, _denoiser, _grads, _setup, assert_grads_close
 
-from vdm_jax import diffusion, schedules, weightings
+from vdm_jax import diffusion, weightings
 from vdm_jax import model as vdm_model
 
 LOG_SNR = np.linspace(-12.0, 14.0, 261)
@@ -53,7 +53,11 @@ def test_monotone_flags_match_the_weights():
 
 def _weighted_cfg(schedule_grad="elbo"):
     return vdm_model.LossConfig(
-        vocab_size=K, schedule_grad=schedule_grad, weighting="sigmoid", weighting_bias=-1.0
+        vocab_size=K,
+        schedule_grad=schedule_grad,
+        weighting="sigmoid",
+        weighting_bias=-1.0,
+        variance_params=MONOTONE.variance_params,
     )
 
 
@@ -101,7 +105,7 @@ def test_weighted_gradients_equal_direct_autodiff():
     assert_grads_close(g_sched, jax.grad(elbo)(s_params))
     want_var = jax.grad(second_moment)(s_params)
     for name in s_params:
-        if name in schedules.ENDPOINT_PARAMS:
+        if name in MONOTONE.endpoint_params:
             np.testing.assert_array_equal(g_sched_v[name], g_sched[name])
         else:
             np.testing.assert_allclose(g_sched_v[name], want_var[name], rtol=1e-3, atol=1e-5)

@@ -29,6 +29,7 @@ from vdm_jax import (
     schedules,
     weightings,
 )
+from vdm_jax.settings import Settings, is_int, out_of_range, unknown_name
 
 Params = Any
 # (params, t[, context]) -> gamma_t
@@ -42,16 +43,16 @@ SCHEDULE_GRADS = ("elbo", "variance")
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """What the objective needs to know, and nothing else.
+class LossConfig(Settings):
+    """What the objective needs to know, and nothing else; it checks its own values.
 
     Attributes:
-      vocab_size: K, the number of values each data dimension takes.
+      vocab_size: K, the number of values each data dimension takes (``config.data``).
       timesteps: 0 for the continuous-time loss, else the number of discrete steps T.
       antithetic_time: low-discrepancy times ``(u + i / B) mod 1`` over the batch.
       schedule_grad: ``"elbo"`` trains the whole schedule on the ELBO; ``"variance"`` trains
-        the endpoints on the ELBO and the interior on the variance of the (weighted)
-        diffusion loss.
+        the parameters ``variance_params`` on the variance of the (weighted) diffusion loss
+        and every other one on the ELBO.
       weighting: a :data:`vdm_jax.weightings.WEIGHTINGS` key: the denoiser trains on the
         diffusion loss weighted by ``w(log-SNR)`` (``"elbo"``: w = 1, the ELBO itself).
       weighting_bias: ``b`` of the ``"sigmoid"`` weighting.
@@ -59,6 +60,14 @@ class LossConfig:
         square of the (weighted) diffusion integrand, tracked during training (VDM++'s
         adaptive importance distribution; continuous time only). The train state keeps the
         per-bin second moments (:func:`vdm_jax.elbo_estimators.update_moments`).
+      variance_params: the schedule's declared
+        :attr:`vdm_jax.schedules.ScheduleKind.variance_params` (names of parameter leaves);
+        None: the schedule has none, and ``"variance"`` is refused.
+      per_dimension: the schedule's declared
+        :attr:`vdm_jax.schedules.ScheduleKind.per_dimension`: its paths change the bound, so
+        only the ``"elbo"`` weighting is allowed.
+
+    The fields besides ``vocab_size`` and the schedule's two are ``config.model``'s.
     """
 
     vocab_size: int
@@ -68,22 +77,40 @@ class LossConfig:
     weighting: str = "elbo"
     weighting_bias: float = 0.0
     adaptive_time: bool = False
+    variance_params: frozenset[str] | None = frozenset()
+    per_dimension: bool = False
 
-    def __post_init__(self) -> None:
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.timesteps < 0:
-            raise ValueError(f"timesteps must be >= 0 (0 = continuous time), got {self.timesteps}")
-        if self.schedule_grad not in SCHEDULE_GRADS:
-            raise ValueError(
-                f"schedule_grad must be one of {SCHEDULE_GRADS}, got {self.schedule_grad!r}"
+    def problems(self) -> list[str]:
+        vocab, steps, weighting = self.vocab_size, self.timesteps, self.weighting
+        problems = [
+            *out_of_range(
+                "data.vocab_size", vocab, is_int(vocab) and vocab >= 2, "an integer >= 2"
+            ),
+            *out_of_range(
+                "model.timesteps",
+                steps,
+                is_int(steps) and steps >= 0,
+                "0 (continuous time) or an integer T >= 1",
+            ),
+            *unknown_name("model.schedule_grad", self.schedule_grad, SCHEDULE_GRADS),
+            *unknown_name("model.weighting", weighting, weightings.WEIGHTINGS),
+        ]
+        if self.adaptive_time and is_int(steps) and steps > 0:
+            problems.append(
+                f"config.model.adaptive_time=True needs continuous time, and "
+                f"config.model.timesteps={steps} (allowed: timesteps 0, or adaptive_time False)"
             )
-        if self.adaptive_time and self.timesteps:
-            raise ValueError("adaptive_time needs continuous time (timesteps = 0)")
-        if self.weighting not in weightings.WEIGHTINGS:
-            raise ValueError(
-                f"weighting must be one of {sorted(weightings.WEIGHTINGS)}, got {self.weighting!r}"
+        if self.schedule_grad == "variance" and self.variance_params is None:
+            problems.append(
+                "config.model.schedule_grad='variance' needs a schedule with endpoint "
+                "parameters, and config.model.schedule has none (allowed: 'elbo')"
             )
+        if self.per_dimension and weighting != "elbo":
+            problems.append(
+                f"config.model.weighting={weighting!r}: a per-dimension schedule's paths "
+                "change the bound, so it trains on the ELBO (allowed: 'elbo')"
+            )
+        return problems
 
 
 class VDM(nn.Module):
@@ -173,17 +200,13 @@ def member_params(params: Params, member: int) -> Params:
 
 
 def _merge_schedule_grads(
-    elbo_grads: Params, variance_grads: Params, per_dimension: bool = False
+    elbo_grads: Params, variance_grads: Params, variance_params: frozenset[str]
 ) -> Params:
-    """Scalar schedule: endpoint leaves from the ELBO gradient, every other leaf from the
-    variance gradient. Per-dimension schedule: the time warp's leaves from the variance
-    gradient, every other leaf (the paths) from the ELBO's."""
+    """The leaves named in ``variance_params`` from the variance gradient, every other leaf
+    from the ELBO's (the schedule kind's declared split)."""
 
     def pick(path, g_elbo, g_var):
-        name = getattr(path[-1], "key", None)
-        if per_dimension:
-            return g_var if name in schedules.WARP_PARAMS else g_elbo
-        return g_elbo if name in schedules.ENDPOINT_PARAMS else g_var
+        return g_var if getattr(path[-1], "key", None) in variance_params else g_elbo
 
     return jax.tree_util.tree_map_with_path(pick, elbo_grads, variance_grads)
 
@@ -220,11 +243,12 @@ def loss_and_grads(
     its interior too, unless the denoiser is exact (then the diffusion loss is a line
     integral of a gradient field, the I-MMSE relation, and depends on the endpoints only).
     Only the speed along its paths cannot: with ``"variance"`` its shared time warp
-    (:data:`vdm_jax.schedules.WARP_PARAMS`) trains on the variance and every other
-    parameter on the ELBO; with ``"elbo"`` all train on the ELBO. Weightings other than
-    ``"elbo"`` are refused for it. With ``latent_fn`` (an input-adaptive schedule) the
-    context ``c ~ q(c | x)`` is drawn on the schedule's side, its KL term joins the
-    objective, and both the schedule and the denoiser are conditioned on ``c``.
+    (its kind's ``variance_params``, :data:`vdm_jax.schedules.TIME_WARP`) trains on the
+    variance and every other parameter on the ELBO; with ``"elbo"`` all train on the ELBO.
+    Weightings other than ``"elbo"`` are refused for it (``cfg.per_dimension``). With
+    ``latent_fn`` (an input-adaptive schedule) the context ``c ~ q(c | x)`` is drawn on the
+    schedule's side, its KL term joins the objective, and both the schedule and the denoiser
+    are conditioned on ``c``.
 
     Args:
       schedule_fn: ``(schedule_params, t) -> gamma_t``, elementwise in ``t``.
@@ -272,13 +296,7 @@ def loss_and_grads(
         return values, context, kl
 
     (values, context, kl), schedule_vjp = jax.vjp(values_of, schedule_params)
-    per_dimension = diffusion.is_per_dimension(values.gamma_t)
-    if per_dimension and cfg.weighting != "elbo":
-        raise ValueError(
-            "a per-dimension schedule trains its paths on the ELBO (they change the bound): "
-            f"weighting must be 'elbo', got {cfg.weighting!r}"
-        )
-    if per_dimension:
+    if cfg.weighting == "elbo":  # w = 1: also every per-dimension schedule's (cfg checks it)
         w, dw_dgamma = jnp.ones(()), jnp.zeros(())
     else:
         w, dw_dgamma = weightings.weight_and_slope(
@@ -317,7 +335,7 @@ def loss_and_grads(
         d_context = None if d_context is None else jnp.zeros_like(d_context)
         d_kl = None if d_kl is None else jnp.zeros_like(d_kl)
         (variance_grads,) = schedule_vjp((d_variance, d_context, d_kl))
-        schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads, per_dimension)
+        schedule_grads = _merge_schedule_grads(schedule_grads, variance_grads, cfg.variance_params)
     loss = jnp.mean(sum(terms.values()))
     if cfg.weighting != "elbo":
         terms = {**terms, "diffusion_weighted": weighted}

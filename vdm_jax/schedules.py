@@ -12,9 +12,14 @@ except :class:`PerDimensionSchedule`, which gives one gamma per data dimension (
 [B] -> an array of the data's rank; the per-dimension kind of :mod:`vdm_jax.diffusion`).
 The learned ones expose their endpoints as the parameters ``gamma_min`` (= gamma(0)) and
 ``log_gamma_range`` (gamma(1) = gamma_min + exp(log_gamma_range)); every other parameter
-shapes only the interior. :data:`ENDPOINT_PARAMS` names them so that training can give the
-endpoints ELBO gradients and the interior variance-minimising ones. ``reference_net`` (for
-checkpoints of the reference code) has no such split: train it with ELBO gradients only.
+shapes only the interior. ``reference_net`` (for checkpoints of the reference code) has no
+such split: train it with ELBO gradients only.
+
+:data:`SCHEDULES` registers each schedule as a :class:`ScheduleKind`: its module, the
+settings record it reads from ``config.model`` (a :class:`ScheduleSettings`, which checks
+its own values), which of its parameters are endpoints and which the variance gradient
+trains, and whether it is per dimension. Adding a schedule is its module, its entry (and a
+settings record for a hyperparameter of its own, with that field in ``configs/base.py``).
 
 The helper functions take ``gamma`` arrays and use sigmoid / log-sigmoid forms, which stay
 accurate in float32 far outside the paper's range [-13.3, 5].
@@ -23,19 +28,21 @@ accurate in float32 far outside the paper's range [-13.3, 5].
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.settings import Settings, is_int, is_number, out_of_range, unknown_name
+
 GammaFn = Callable[[jax.Array], jax.Array]
 
-# Parameter names that set gamma(0) and gamma(1); all other schedule parameters are interior.
-ENDPOINT_PARAMS = frozenset(
-    {"gamma_min", "log_gamma_range", "gamma_min_offset", "log_gamma_range_offset"}
-)
+# The learned endpoints (:class:`_LearnedEndpoints`): gamma(0) and log(gamma(1) - gamma(0)).
+LEARNED_ENDPOINTS = frozenset({"gamma_min", "log_gamma_range"})
 
 
 def sigma2(gamma: jax.Array) -> jax.Array:
@@ -131,6 +138,68 @@ class LearnedLinearSchedule(_LearnedEndpoints):
         return gamma_0 + gamma_range * t
 
 
+class LearnedCosineSchedule(_LearnedEndpoints):
+    """Learned endpoints and the cosine schedule's shape between them (Nichol & Dhariwal 2021).
+
+    Improved DDPM's ``alpha_bar(tau) = cos^2(((tau + s) / (1 + s)) pi / 2) / cos^2((s / (1 +
+    s)) pi / 2)`` gives ``gamma_cos(tau) = log((1 - alpha_bar) / alpha_bar)``
+    (:func:`cosine_gamma`), which runs from -inf to +inf. This schedule takes its piece
+    from ``gamma_min`` to ``gamma_max`` (the settings: ``tau`` in ``[tau_0, tau_1]``,
+    :func:`cosine_time`) and puts it between the learned endpoints:
+    ``gamma(t) = gamma_0 + exp(log_gamma_range) * (G(t) - G(0)) / (G(1) - G(0))`` with
+    ``G(t) = gamma_cos(tau_0 + (tau_1 - tau_0) t)``. At initialisation it is Improved DDPM's
+    log-SNR on that range, exactly (up to float32 rounding); ``s`` is its offset (0.008
+    there). Parameters: ``gamma_min``, ``log_gamma_range`` (endpoints); no interior ones.
+    """
+
+    s: float = 0.008
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        gamma_0, gamma_range = self.endpoints()
+        tau_0, tau_1 = cosine_time(self.gamma_min, self.s), cosine_time(self.gamma_max, self.s)
+
+        def g(u: jax.Array) -> jax.Array:  # 1 - tau from (1 - tau_1) + ..., no cancellation
+            return cosine_gamma(
+                tau_0 + (tau_1 - tau_0) * u, self.s, (1.0 - tau_1) + (tau_1 - tau_0) * (1.0 - u)
+            )
+
+        g_0, g_1 = g(jnp.zeros(())), g(jnp.ones(()))
+        return gamma_0 + gamma_range * (g(t) - g_0) / (g_1 - g_0)
+
+
+def cosine_gamma(tau: jax.Array, s: float, one_minus_tau: jax.Array | None = None) -> jax.Array:
+    """Improved DDPM's cosine schedule as gamma = -log SNR, for tau in (0, 1), any shape.
+
+    ``alpha_bar = cos^2(a (tau + s)) / cos^2(a s)`` with ``a = pi / (2 (1 + s))``, so
+    ``gamma = log(sin^2(a (tau + s)) - sin^2(a s)) - log cos^2(a (tau + s))``
+    ``= log sin(a tau) + log sin(a (tau + 2 s)) - 2 log sin(a (1 - tau))``: the last form has
+    no difference of nearby numbers at either end. ``one_minus_tau`` may give ``1 - tau``
+    more accurately than float32 ``1 - tau`` near 1.
+    """
+    a = math.pi / (2.0 * (1.0 + s))
+    one_minus_tau = 1.0 - tau if one_minus_tau is None else one_minus_tau
+    return (
+        jnp.log(jnp.sin(a * tau))
+        + jnp.log(jnp.sin(a * (tau + 2.0 * s)))
+        - 2.0 * jnp.log(jnp.sin(a * one_minus_tau))
+    )
+
+
+def cosine_time(gamma: float, s: float) -> float:
+    """The tau in (0, 1) where :func:`cosine_gamma` equals ``gamma`` (float64 on the host).
+
+    ``cos^2(u) = cos^2(a s) sigmoid(-gamma)`` and ``sin^2(u) = sin^2(a s) + cos^2(a s)
+    sigmoid(gamma)`` at ``u = a (tau + s)``; ``atan2`` of their roots is exact at both ends.
+    """
+    a = math.pi / (2.0 * (1.0 + s))
+    cos2_0 = math.cos(a * s) ** 2
+    sig = 1.0 / (1.0 + math.exp(-gamma)) if gamma > -700 else 0.0
+    sig_neg = 1.0 / (1.0 + math.exp(gamma)) if gamma < 700 else 0.0
+    u = math.atan2(math.sqrt(math.sin(a * s) ** 2 + cos2_0 * sig), math.sqrt(cos2_0 * sig_neg))
+    return u / a - s
+
+
 class MonotoneNetSchedule(_LearnedEndpoints):
     """Learned endpoints and a monotone network for the interior.
 
@@ -193,7 +262,7 @@ class ReferenceNetSchedule(nn.Module):
     ``d gamma / dt = |W1| + (4 / width) sum_j |W3_j| |W2_j| s_j (1 - s_j) >= 0`` (s_j the
     sigmoids), so gamma is non-decreasing for any parameters and strictly increasing unless
     all of ``|W1|`` and ``|W3_j W2_j|`` vanish; the endpoints are not parameters of their own
-    (no :data:`ENDPOINT_PARAMS`), so use ``schedule_grad="elbo"`` with it.
+    (its entry declares none), so use ``schedule_grad="elbo"`` with it.
     """
 
     gamma_min: float = -13.3
@@ -231,7 +300,7 @@ class PerDimensionSchedule(nn.Module):
     endpoints and an interior ``s_i`` rising from 0 to 1. Every per-dimension quantity is a
     shared value plus a per-dimension offset that starts at zero (``gamma_min`` [] +
     ``gamma_min_offset`` [D], ``log_gamma_range`` [] + ``log_gamma_range_offset`` [D], all
-    :data:`ENDPOINT_PARAMS`; ``interior`` [k] + ``interior_offset`` [D, k]): the shared part
+    :data:`PER_DIMENSION_ENDPOINTS`; ``interior`` [k] + ``interior_offset`` [D, k]): the shared part
     gets the gradient of every dimension, so it learns as fast as a scalar schedule's (on
     digits, per-pixel endpoints alone moved a quarter as far in 4,500 steps).
 
@@ -245,7 +314,7 @@ class PerDimensionSchedule(nn.Module):
       (``delta`` = 1e-3, relative to the coefficients' scale) keeps ``s_i' >= delta / 3``, so
       ``gamma_i`` is strictly increasing, in float32 too, even where the quadratic has a root.
 
-    ``gamma_i(t) = path_i(u(t))``: a shared time warp ``u`` (:data:`WARP_PARAMS`, the
+    ``gamma_i(t) = path_i(u(t))``: a shared time warp ``u`` (:data:`TIME_WARP`, the
     identity at initialisation) sets the speed along every dimension's path. The ELBO in
     continuous time depends on the paths, not on the speed, so ``schedule_grad="variance"``
     trains the warp on the variance of the loss estimate and everything else on the ELBO: for
@@ -285,7 +354,7 @@ class PerDimensionSchedule(nn.Module):
 
     def _time_warp(self, t: jax.Array) -> jax.Array:
         """u(t) [N]: one strictly increasing map of [0, 1] onto itself, shared by every
-        dimension (:data:`WARP_PARAMS`), ``(h(t) - h(0)) / (h(1) - h(0))`` with ``h`` as in
+        dimension (:data:`TIME_WARP`), ``(h(t) - h(0)) / (h(1) - h(0))`` with ``h`` as in
         :class:`MonotoneNetSchedule` (width 16), the identity at initialisation. It moves
         every dimension along its path at a common speed, so it cannot change the
         continuous-time ELBO, only its estimate's variance."""
@@ -374,73 +443,159 @@ class PerDimensionSchedule(nn.Module):
 
 
 PER_DIMENSION_INTERIORS = ("monotone", "polynomial")
+# The per-dimension schedules' endpoints: shared values plus per-dimension offsets.
+PER_DIMENSION_ENDPOINTS = LEARNED_ENDPOINTS | {"gamma_min_offset", "log_gamma_range_offset"}
 # The per-dimension schedules' shared time warp: its parameters move each dimension along its
 # own path, not the paths themselves, so ``schedule_grad="variance"`` trains them (alone) on
 # the variance of the loss estimate.
-WARP_PARAMS = frozenset(
+TIME_WARP = frozenset(
     {"warp_linear", "warp_hidden_kernel", "warp_hidden_bias", "warp_output_kernel"}
 )
 _POLYNOMIAL_DELTA = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleSettings(Settings):
+    """What every schedule reads from ``config.model``: gamma(0), gamma(1) at initialisation
+    (for good, for a fixed schedule)."""
+
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+
+    def problems(self) -> list[str]:
+        if is_number(self.gamma_min) and is_number(self.gamma_max):
+            if self.gamma_min < self.gamma_max:
+                return []
+        return [
+            f"config.model.gamma_min={self.gamma_min!r} must be below "
+            f"config.model.gamma_max={self.gamma_max!r}"
+        ]
+
+    def module_fields(self) -> dict[str, Any]:
+        """The schedule module's fields these settings give."""
+        return {"gamma_min": self.gamma_min, "gamma_max": self.gamma_max}
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSettings(ScheduleSettings):
+    """A schedule with a hidden layer of ``config.model.schedule_width`` units."""
+
+    schedule_width: int = 1024
+
+    def problems(self) -> list[str]:
+        width = self.schedule_width
+        ok = is_int(width) and width >= 1
+        return super().problems() + out_of_range(
+            "model.schedule_width", width, ok, "an integer >= 1"
+        )
+
+    def module_fields(self) -> dict[str, Any]:
+        return {**super().module_fields(), "width": self.schedule_width}
+
+
+@dataclasses.dataclass(frozen=True)
+class PerDimensionSettings(ScheduleSettings):
+    """A per-dimension schedule: one gamma per data ``"dimension"`` or per ``"channel"``
+    (``config.model.schedule_per``)."""
+
+    schedule_per: str = "dimension"
+
+    def problems(self) -> list[str]:
+        per = unknown_name("model.schedule_per", self.schedule_per, ("dimension", "channel"))
+        return super().problems() + per
+
+    def event_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of each example's gamma: the data's (H, W, C), or (1, 1, C)."""
+        if self.schedule_per == "channel":
+            return (1,) * (len(image_shape) - 1) + tuple(image_shape[-1:])
+        return tuple(image_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerDimensionNetworkSettings(PerDimensionSettings, NetworkSettings):
+    """A per-dimension schedule with a hidden width."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSettings(ScheduleSettings):
+    """The cosine schedule's offset ``s`` (``config.model.cosine_s``; Improved DDPM: 0.008)."""
+
+    cosine_s: float = 0.008
+
+    def problems(self) -> list[str]:
+        s = self.cosine_s
+        ok = is_number(s) and 0.0 <= s <= 1.0
+        return super().problems() + out_of_range("model.cosine_s", s, ok, "a number in [0, 1]")
+
+    def module_fields(self) -> dict[str, Any]:
+        return {**super().module_fields(), "s": self.cosine_s}
+
+
+@dataclasses.dataclass(frozen=True)
 class ScheduleKind:
-    """A registered schedule and the properties the runner and config checks read.
+    """A registered schedule: its module, its settings, and what training needs to know.
 
     Attributes:
-      module: the Flax module, built with ``gamma_min``, ``gamma_max`` (and ``width``).
-      takes_width: the module has a hidden ``width``.
-      splits_endpoints: its parameters are :data:`ENDPOINT_PARAMS` and interior ones (or it
-        has none), so the interior can be trained on the variance of the loss
-        (``schedule_grad="variance"``).
-      per_dimension: one gamma per data dimension (:class:`PerDimensionSchedule`, built
-        with the data's shape and this ``interior``); it may also take a context.
-      interior: the per-dimension interior's name.
+      module: builds the Flax module from :meth:`ScheduleSettings.module_fields` (and a
+        per-dimension one's ``event_shape``).
+      settings: the record of the ``config.model`` fields it reads; it checks their values.
+      endpoint_params: names of the parameters that set gamma(0) and gamma(1); no other
+        parameter moves them. None: no such split (the endpoints are not parameters).
+      variance_params: names of the parameters that ``schedule_grad="variance"`` trains on
+        the variance of the loss estimate (every other one trains on the ELBO); parameters
+        that cannot change the continuous-time ELBO. None: the variance gradient does not
+        apply (the kind has no ``endpoint_params``).
+      per_dimension: one gamma per data dimension (``t`` [] or [B] -> the data's rank),
+        which may also take a context (an input-adaptive schedule); else elementwise in t.
     """
 
-    module: type[nn.Module]
-    takes_width: bool
-    splits_endpoints: bool
+    module: Callable[..., nn.Module]
+    settings: type[ScheduleSettings]
+    endpoint_params: frozenset[str] | None
+    variance_params: frozenset[str] | None
     per_dimension: bool = False
-    interior: str = ""
 
     def build(
-        self,
-        gamma_min: float,
-        gamma_max: float,
-        width: int,
-        event_shape: tuple[int, ...] | None = None,
+        self, settings: ScheduleSettings, image_shape: tuple[int, ...] | None = None
     ) -> nn.Module:
-        """The module, with ``width`` only where the schedule takes one.
-
-        ``event_shape``: the shape each example's gamma takes, needed by a per-dimension
-        schedule (the data's (H, W, C), or (1, 1, C) for one gamma per channel).
-        """
+        """The module with ``settings`` (a per-dimension one needs the data's ``image_shape``)."""
+        fields = settings.module_fields()
         if self.per_dimension:
-            if event_shape is None:
-                raise ValueError("a per-dimension schedule needs the data's event_shape")
-            return self.module(
-                event_shape=tuple(event_shape),
-                gamma_min=gamma_min,
-                gamma_max=gamma_max,
-                width=width,
-                interior=self.interior,
-            )
-        if self.takes_width:
-            return self.module(gamma_min=gamma_min, gamma_max=gamma_max, width=width)
-        return self.module(gamma_min=gamma_min, gamma_max=gamma_max)
+            if image_shape is None:
+                raise ValueError("a per-dimension schedule needs the data's image_shape")
+            fields["event_shape"] = settings.event_shape(image_shape)
+        return self.module(**fields)
 
 
+_NO_PARAMS: frozenset[str] = frozenset()
 SCHEDULES: dict[str, ScheduleKind] = {
-    "fixed_linear": ScheduleKind(FixedLinearSchedule, takes_width=False, splits_endpoints=True),
-    "learned_linear": ScheduleKind(LearnedLinearSchedule, takes_width=False, splits_endpoints=True),
-    "monotone_net": ScheduleKind(MonotoneNetSchedule, takes_width=True, splits_endpoints=True),
-    "reference_net": ScheduleKind(ReferenceNetSchedule, takes_width=True, splits_endpoints=False),
+    "fixed_linear": ScheduleKind(FixedLinearSchedule, ScheduleSettings, _NO_PARAMS, _NO_PARAMS),
+    "learned_linear": ScheduleKind(
+        LearnedLinearSchedule, ScheduleSettings, LEARNED_ENDPOINTS, _NO_PARAMS
+    ),
+    "learned_cosine": ScheduleKind(
+        LearnedCosineSchedule, CosineSettings, LEARNED_ENDPOINTS, _NO_PARAMS
+    ),
+    "monotone_net": ScheduleKind(
+        MonotoneNetSchedule,
+        NetworkSettings,
+        LEARNED_ENDPOINTS,
+        frozenset({"linear", "hidden_kernel", "hidden_bias", "output_kernel"}),
+    ),
+    "reference_net": ScheduleKind(ReferenceNetSchedule, NetworkSettings, None, None),
     "per_dim_monotone": ScheduleKind(
-        PerDimensionSchedule, True, True, per_dimension=True, interior="monotone"
+        functools.partial(PerDimensionSchedule, interior="monotone"),
+        PerDimensionNetworkSettings,
+        PER_DIMENSION_ENDPOINTS,
+        TIME_WARP,
+        per_dimension=True,
     ),
     "per_dim_polynomial": ScheduleKind(
-        PerDimensionSchedule, False, True, per_dimension=True, interior="polynomial"
+        functools.partial(PerDimensionSchedule, interior="polynomial"),
+        PerDimensionSettings,
+        PER_DIMENSION_ENDPOINTS,
+        TIME_WARP,
+        per_dimension=True,
     ),
 }
 

@@ -165,7 +165,7 @@ def widest_fitting(exp: Experiment, batch_size: int, device_bytes: float) -> dic
             model_spec = dataclasses.replace(exp.model, channels=k * WIDTH_STEP)
             wide = exp.replace(
                 model=model_spec,
-                vdm=model_spec.build(exp.num_classes, exp.info.shape, exp.info.vocab_size),
+                vdm=model_spec.build(exp.vdm.schedule, exp.num_classes, exp.info.vocab_size),
             )
             shapes = state.state_shapes(wide)
             batch = parts.abstract_batch(wide, batch_size)

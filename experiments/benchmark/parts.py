@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from experiments.benchmark import harness
-from vdm_jax.runner import eval_methods, evaluate, flops, sampling, sharding, specs, state, train
+from vdm_jax import schedules
+from vdm_jax.runner import evaluate, flops, sampling, sharding, specs, state, train
 from vdm_jax.runner.experiment import Experiment
 
 if TYPE_CHECKING:  # options.py reads PARTS from here.
@@ -214,10 +215,16 @@ def scalar_schedule(exp: Experiment) -> Experiment:
     spec = dataclasses.replace(
         exp.model, schedule="monotone_net", schedule_grad="variance", latent_dim=0
     )
-    loss = dataclasses.replace(exp.loss, schedule_grad="variance")
-    return exp.replace(
-        model=spec, vdm=spec.build(exp.num_classes, exp.info.shape, exp.info.vocab_size), loss=loss
+    kind = schedules.SCHEDULES["monotone_net"]
+    settings = kind.settings.from_section(dataclasses.asdict(spec))
+    loss = dataclasses.replace(
+        exp.loss,
+        schedule_grad="variance",
+        variance_params=kind.variance_params,
+        per_dimension=kind.per_dimension,
     )
+    vdm = spec.build(kind.build(settings), exp.num_classes, exp.info.vocab_size)
+    return exp.replace(model=spec, schedule=kind, schedule_settings=settings, vdm=vdm, loss=loss)
 
 
 def train_scalar_part(
@@ -245,7 +252,7 @@ def eval_part(exp: Experiment, batch_size: int, options: Options, context: Conte
     prepared = None
     if evaluator.prepare is not None:
         prepared = evaluator.prepare(params, batch, context.key)
-    evals = eval_methods.EVAL_METHODS[exp.eval.method].network_evals_per_image(exp.eval)
+    evals = exp.eval_settings.network_evals_per_image()
 
     def run(compiled: Any) -> Callable[[], Any]:
         def call() -> Any:

@@ -3,25 +3,31 @@
 :func:`validate` collects every problem it finds and raises one :class:`ConfigError` listing
 them all, each as ``config.<field>=<value> <what is wrong> (allowed: ...)``, so a run never
 starts (or fails an hour in) on a typo, a batch that does not split over the devices, or a
-vocabulary that does not match the data. Allowed names and the rules between fields come
-from the registries' declared properties (schedules, conditionings, eval methods, samplers,
-ODE solvers' settings), so a new entry needs no edit here.
+vocabulary that does not match the data. It looks up each registry name the config gives
+once and returns the entries (:class:`Entries`); an entry's settings record checks the
+fields it reads (a schedule's, an eval method's, the objective's :class:`vdm_jax.model.LossConfig`),
+and the rules here are those between sections and registries, read from the entries'
+declared properties, so a new entry needs no edit here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import ml_collections
 import numpy as np
 
-from vdm_jax import model, ode_likelihood, parameterizations, samplers, schedules, unet, weightings
+from vdm_jax import model, parameterizations, samplers, schedules, unet
 from vdm_jax.runner import conditioning, data, eval_methods, specs
+from vdm_jax.settings import ConfigError, Settings, is_int, is_number, unknown_name
+
+__all__ = ["ConfigError", "Entries", "section_fields", "validate"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_Entry = TypeVar("_Entry")
 
 
 def _numbers(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -33,8 +39,40 @@ def _numbers(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, floa
             yield f"{prefix}{key}", value
 
 
-class ConfigError(ValueError):
-    """A config value that cannot run; the message names every bad field."""
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """The registry entries a valid config names, looked up once, with their settings.
+
+    Attributes:
+      schedule: the ``model.schedule`` entry.
+      schedule_settings: its record of ``config.model``.
+      loss: the objective's settings (``config.model``, the vocabulary, the schedule's
+        declared gradient split).
+      eval_method: the ``eval.method`` entry.
+      eval_settings: its record of ``config.eval``.
+    """
+
+    schedule: schedules.ScheduleKind
+    schedule_settings: schedules.ScheduleSettings
+    loss: model.LossConfig
+    eval_method: eval_methods.EvalMethod
+    eval_settings: eval_methods.EvalSettings
+
+
+# The settings records of every entry of the registries whose names a section gives.
+_SECTION_RECORDS: dict[str, Callable[[], list[type[Settings]]]] = {
+    "model": lambda: [kind.settings for kind in schedules.SCHEDULES.values()],
+    "eval": lambda: [method.settings for method in eval_methods.EVAL_METHODS.values()],
+}
+
+
+def section_fields(section: str) -> set[str]:
+    """The keys of ``config.<section>``: its spec's fields and those of every registered
+    entry's settings record (each entry reads its own)."""
+    fields = {f.name for f in dataclasses.fields(specs.SECTIONS[section])}
+    for record in _SECTION_RECORDS.get(section, list)():
+        fields |= {f.name for f in dataclasses.fields(record)}
+    return fields
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -52,12 +90,27 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def _choice(
     problems: list[str], config: ml_collections.ConfigDict, field: str, allowed: Sequence[str]
 ) -> None:
-    value = _get(config, field)
-    _check(
-        problems,
-        value in allowed,
-        f"config.{field}={value!r} is not a known name (allowed: {sorted(allowed)})",
-    )
+    problems.extend(unknown_name(field, _get(config, field), allowed))
+
+
+def _entry(
+    problems: list[str],
+    config: ml_collections.ConfigDict,
+    field: str,
+    registry: Mapping[str, _Entry],
+) -> _Entry | None:
+    """The registry's entry that ``config.<field>`` names (None, and a problem, if none)."""
+    _choice(problems, config, field, list(registry))
+    return registry.get(_get(config, field))
+
+
+def _record(problems: list[str], make: Callable[[], _Entry]) -> _Entry | None:
+    """A settings record (None, and its problems, if its values are bad)."""
+    try:
+        return make()
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
 
 
 def _range(
@@ -68,7 +121,7 @@ def _range(
     allowed: str,
 ) -> None:
     value = _get(config, field)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and test(value)
+    ok = is_number(value) and test(value)
     _check(problems, ok, f"config.{field}={value!r} is out of range (allowed: {allowed})")
 
 
@@ -89,8 +142,9 @@ def validate(
     num_devices: int,
     process_count: int,
     info: data.DatasetInfo | None = None,
-) -> None:
-    """Raises :class:`ConfigError` naming every invalid field of ``config``.
+) -> Entries:
+    """The registry entries ``config`` names; raises :class:`ConfigError` naming every
+    invalid field of it.
 
     Args:
       config: an experiment config (see ``configs/base.py``).
@@ -99,13 +153,16 @@ def validate(
       info: the dataset's facts, to check the vocabulary and labels against; None skips
         those checks (and the dataset's name is still checked).
 
+    Returns:
+      The entries and their settings records, each looked up and checked once.
+
     Raises:
       ConfigError: listing each bad field, its value and the allowed values.
     """
     problems: list[str] = []
     positive = "an integer >= 1"
-    for section, spec in specs.SECTIONS.items():
-        fields = {f.name for f in dataclasses.fields(spec)}
+    for section in specs.SECTIONS:
+        fields = section_fields(section)
         given = set(config[section].keys()) if section in config else set()
         for field in sorted(given - fields):
             problems.append(
@@ -122,66 +179,67 @@ def validate(
             f"{_FLOAT32_MAX:.4g})",
         )
     if problems:  # Every check below reads the sections' fields.
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError.listing(problems)
 
     _range(problems, config, "seed", lambda v: isinstance(v, int) and 0 <= v < data.MAX_SEED,
            "an integer in [0, 2**32)")  # fmt: skip
 
-    # Names chosen from registries.
+    # Names chosen from registries: the schedule's and the eval method's are looked up once,
+    # and their settings records check the fields they read.
     registries: dict[str, Any] = {
         "data.name": data.DATASETS,
-        "model.schedule": schedules.SCHEDULES,
-        "model.schedule_grad": model.SCHEDULE_GRADS,
         "model.attention": unet.ATTENTION_MODES,
         "model.dtype": specs.DTYPES,
         "model.conditioning": conditioning.CONDITIONINGS,
         "model.label_input": unet.LABEL_INPUTS,
         "model.parameterization": parameterizations.PARAMETERIZATIONS,
-        "model.weighting": weightings.WEIGHTINGS,
-        "eval.method": eval_methods.EVAL_METHODS,
-        "eval.ode_divergence": ode_likelihood.DIVERGENCES,
-        "eval.ode_dequantization": ode_likelihood.DEQUANTIZATIONS,
         "sample.sampler": samplers.SAMPLER_NAMES,
         "sample.decode": samplers.DECODERS,
     }
     for field, registry in registries.items():
         _choice(problems, config, field, list(registry))
-    known = {field: _get(config, field) in registry for field, registry in registries.items()}
+    schedule = _entry(problems, config, "model.schedule", schedules.SCHEDULES)
+    method = _entry(problems, config, "eval.method", eval_methods.EVAL_METHODS)
+    m = config.model
+    schedule_settings = None
+    if schedule is not None:
+        schedule_settings = _record(problems, lambda: schedule.settings.from_section(m))
+    loss = _record(
+        problems,
+        lambda: model.LossConfig(
+            vocab_size=config.data.vocab_size,
+            timesteps=m.timesteps,
+            antithetic_time=m.antithetic_time,
+            schedule_grad=m.schedule_grad,
+            weighting=m.weighting,
+            weighting_bias=m.weighting_bias,
+            adaptive_time=m.adaptive_time,
+            variance_params=frozenset() if schedule is None else schedule.variance_params,
+            per_dimension=schedule is not None and schedule.per_dimension,
+        ),
+    )
+    eval_settings = None
+    if method is not None:
+        eval_settings = _record(problems, lambda: method.settings.from_section(config.eval))
 
-    if known["model.schedule"]:
-        kind = schedules.SCHEDULES[config.model.schedule]
-        _check(
-            problems,
-            kind.splits_endpoints or config.model.schedule_grad != "variance",
-            "config.model.schedule_grad='variance' needs a schedule with endpoint parameters; "
-            f"config.model.schedule={config.model.schedule!r} has none (allowed: 'elbo')",
-        )
-        per_dim = kind.per_dimension
-        _check(
-            problems,
-            not per_dim or config.model.weighting == "elbo",
-            f"config.model.weighting={config.model.weighting!r}: a per-dimension schedule's "
-            f"paths change the bound, so config.model.schedule={config.model.schedule!r} "
-            "trains on the ELBO (allowed: 'elbo')",
-        )
-        latent_dim = config.model.latent_dim
-        _range(problems, config, "model.latent_dim", lambda v: isinstance(v, int) and v >= 0,
-               "an integer >= 0 (0: no auxiliary latent)")  # fmt: skip
+    latent_dim = m.latent_dim
+    _range(problems, config, "model.latent_dim", lambda v: is_int(v) and v >= 0,
+           "an integer >= 0 (0: no auxiliary latent)")  # fmt: skip
+    adaptive = is_int(latent_dim) and latent_dim > 0
+    if schedule is not None:
         per_dim_names = sorted(k for k, v in schedules.SCHEDULES.items() if v.per_dimension)
         _check(
             problems,
-            not (isinstance(latent_dim, int) and latent_dim > 0) or per_dim,
+            not adaptive or schedule.per_dimension,
             f"config.model.latent_dim={latent_dim!r} adapts the schedule to the input, which "
-            f"only a per-dimension schedule can use; config.model.schedule="
-            f"{config.model.schedule!r} is scalar (allowed: {per_dim_names})",
+            f"only a per-dimension schedule can use; config.model.schedule={m.schedule!r} "
+            f"is scalar (allowed: {per_dim_names})",
         )
-    _choice(problems, config, "model.schedule_per", list(specs.SCHEDULE_PER))
-    if known["model.parameterization"]:
-        param = parameterizations.PARAMETERIZATIONS[config.model.parameterization]
+    if known_param := parameterizations.PARAMETERIZATIONS.get(m.parameterization):
         _check(
             problems,
-            not (param.needs_vocab and config.model.add_z_to_eps),
-            f"config.model.parameterization={config.model.parameterization!r} outputs a "
+            not (known_param.needs_vocab and m.add_z_to_eps),
+            f"config.model.parameterization={m.parameterization!r} outputs a "
             "distribution over the data's values, to which config.model.add_z_to_eps=True "
             "cannot add z (allowed: add_z_to_eps False, or parameterization 'eps', 'x' or 'v')",
         )
@@ -230,65 +288,43 @@ def validate(
         "training.sample_every",
         "training.checkpoint_every",
         "training.max_to_keep",
-        "eval.num_time_samples",
-        "eval.ode_dequant_samples",
         "model.min_group_size",
         "sample.num_samples",
         "sample.num_steps",
-        "model.schedule_width",
         "model.num_blocks",
         "model.channels",
         "model.num_groups",
     ):
         _range(problems, config, field, lambda v: isinstance(v, int) and v >= 1, positive)
-    _range(problems, config, "model.timesteps", lambda v: isinstance(v, int) and v >= 0,
-           "0 (continuous time) or an integer T >= 1")  # fmt: skip
-    timesteps, sample_steps = config.model.timesteps, config.sample.num_steps
+    timesteps, sample_steps = m.timesteps, config.sample.num_steps
+    discrete = is_int(timesteps) and timesteps > 0
     _check(
         problems,
-        not (config.model.adaptive_time and isinstance(timesteps, int) and timesteps > 0),
-        f"config.model.adaptive_time=True needs continuous time, and config.model.timesteps="
-        f"{timesteps} (allowed: timesteps 0, or adaptive_time False)",
-    )
-    _check(
-        problems,
-        not (isinstance(timesteps, int) and timesteps > 0) or sample_steps == timesteps,
+        not discrete or sample_steps == timesteps,
         f"config.sample.num_steps={sample_steps!r} must equal config.model.timesteps="
         f"{timesteps} for a discrete-time model (allowed: {timesteps})",
     )
 
-    if known["eval.method"]:
-        method = eval_methods.EVAL_METHODS[config.eval.method]
+    if method is not None:
         methods = eval_methods.EVAL_METHODS
-        discrete_ok = sorted(k for k, m in methods.items() if not m.continuous_only)
+        discrete_ok = sorted(k for k, v in methods.items() if not v.continuous_only)
         _check(
             problems,
-            not (method.continuous_only and timesteps),
+            not (method.continuous_only and discrete),
             f"config.eval.method={config.eval.method!r} needs a continuous-time model, and "
             f"config.model.timesteps={timesteps} (allowed: {discrete_ok})",
         )
-        counts = (config.eval.num_time_samples, config.eval.ode_dequant_samples)
-        if all(isinstance(v, int) for v in counts):
-            settings = specs.from_section(specs.EvalSpec, config.eval)
-            problems.extend(method.check(settings))
-            _check(
-                problems,
-                not (config.model.latent_dim and not method.per_example_fns(settings)),
-                f"config.eval.method={config.eval.method!r} with these settings evaluates "
-                f"copies of each image, and an input-adaptive model (config.model.latent_dim="
-                f"{config.model.latent_dim}) draws one latent per image: use one draw "
-                "(config.eval.ode_dequant_samples=1) or an ELBO method",
-            )
-    for field in ("eval.ode_rtol", "eval.ode_atol"):
-        _range(problems, config, field, lambda v: v > 0, "a number > 0")
+    if eval_settings is not None:
+        _check(
+            problems,
+            not (adaptive and not eval_settings.per_example_fns()),
+            f"config.eval.method={config.eval.method!r} with these settings evaluates "
+            f"copies of each image, and an input-adaptive model (config.model.latent_dim="
+            f"{latent_dim}) draws one latent per image: use one draw "
+            "(config.eval.ode_dequant_samples=1) or an ELBO method",
+        )
 
     # Model and optimizer values.
-    _check(
-        problems,
-        config.model.gamma_min < config.model.gamma_max,
-        f"config.model.gamma_min={config.model.gamma_min!r} must be below "
-        f"config.model.gamma_max={config.model.gamma_max!r}",
-    )
     _range(problems, config, "model.dropout_rate", lambda v: 0 <= v < 1, "[0, 1)")
     _check(
         problems,
@@ -345,4 +381,5 @@ def validate(
         )
 
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError.listing(problems)
+    return Entries(schedule, schedule_settings, loss, method, eval_settings)

@@ -2,7 +2,7 @@
 ``--mode=eval``.
 
 :class:`Evaluator` compiles an experiment's estimator
-(:data:`vdm_jax.runner.eval_methods.EVAL_METHODS` ``[eval.method]``) once per run and runs
+(:attr:`vdm_jax.runner.experiment.Experiment.eval_method`) once per run and runs
 it over every real example of the eval split (padding rows masked out): per-image
 estimates, then the mean over images and its standard
 error ``std / sqrt(N)`` for the total bpd and each term. That standard error treats the
@@ -52,7 +52,7 @@ class EvalResult:
         class-conditional model ``bpd`` bounds ``-log P(x)``: the conditional bound
         ``bpd_conditional`` plus ``bpd_label``, ``-log2 P(label) / D`` under the conditioning's
         label prior (:attr:`vdm_jax.runner.conditioning.Conditioning.label_nats`).
-      settings: the method's settings (:attr:`vdm_jax.runner.eval_methods.EvalMethod.settings`).
+      settings: the method's settings (its :class:`vdm_jax.runner.eval_methods.EvalSettings`).
       seconds: wall time of the evaluation.
       estimator: the method, its settings, the time discretisation and time sampling
         (:func:`vdm_jax.runner.results.protocol`).
@@ -166,11 +166,11 @@ class Evaluator:
 
     def __init__(self, exp: Experiment):
         self.exp = exp
-        self.method = eval_methods.EVAL_METHODS[exp.eval.method]
+        self.method = exp.eval_method
         replicated = sharding.replicated(exp.mesh)
         batch_sharding = sharding.batch_sharding(exp.mesh)
         layout = state.param_layout(exp)
-        context = dict(loss=exp.loss, settings=exp.eval)  # What every estimator reads.
+        context = dict(loss=exp.loss, settings=exp.eval_settings)  # What every estimator reads.
 
         def model_fns(params, batch, key):
             """The model's functions for this batch, and its auxiliary latent's KL in bpd [B]
@@ -187,7 +187,7 @@ class Evaluator:
             estimate = self.method.estimate(
                 gamma_fn, eps_fn, batch["image"], key, prepared, **context
             )
-            declared = self.method.term_names(exp.eval)
+            declared = exp.eval_settings.term_names()
             if set(estimate.terms) != set(declared):  # Checked once, when tracing.
                 raise ValueError(
                     f"eval method {exp.eval.method!r} returned terms {tuple(estimate.terms)}, "
@@ -266,7 +266,7 @@ class Evaluator:
         if label_nats:
             nats_per_bpd = math.prod(exp.info.shape) * math.log(2)
             values = _with_label_cost(values, label_nats / nats_per_bpd)
-        settings = self.method.settings(exp.eval)
+        settings = exp.eval_settings.as_dict()
         estimator = {"method": exp.eval.method, **settings}
         estimator["time"] = (
             "continuous" if exp.loss.timesteps == 0 else f"{exp.loss.timesteps} steps"

@@ -5,6 +5,12 @@ documents them), so ``OptimizerSpec(**config.optimizer)`` is the whole conversio
 big_vision passes ``config.model`` to its model. :func:`vdm_jax.runner.experiment.build` makes them
 once, after the config checks.
 
+The registry entries a section names own their settings: each has a record of the fields it
+reads (:class:`vdm_jax.schedules.ScheduleSettings`,
+:class:`vdm_jax.runner.eval_methods.EvalSettings`), which checks their values; a field that
+only one entry reads (``model.cosine_s``, ``eval.ode_rtol``) is in that record, not here.
+:func:`vdm_jax.runner.config_validation.validate` looks each name up once.
+
 Fields marked :func:`may_change` may differ between a workdir's recorded config and a run
 that resumes, evaluates or samples it (lengths, intervals, evaluation and sampling settings,
 the compute dtype, rematerialisation, the optimizer's step sizes); every other field defines
@@ -18,9 +24,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import flax.linen as nn
 import jax.numpy as jnp
 
-from vdm_jax import latents, model, parameterizations, schedules, unet
+from vdm_jax import latents, model, parameterizations, unet
 
 
 def may_change() -> Any:
@@ -36,8 +43,6 @@ def added(before: Any) -> Any:
 
 # Compute dtypes by name (``model.dtype``); parameters stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What a per-dimension schedule has one gamma for (``model.schedule_per``).
-SCHEDULE_PER = ("dimension", "channel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +57,12 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """``config.model``: the schedule, the objective and the score U-Net."""
+    """``config.model``: the schedule, the objective and the score U-Net.
+
+    ``schedule_width``, ``gamma_min``, ``gamma_max`` and ``schedule_per`` are read and checked
+    by the schedule's settings record (the score network reads ``gamma_min``, ``gamma_max``
+    too); they are here so that a workdir compares them as before.
+    """
 
     schedule: str
     schedule_width: int
@@ -84,22 +94,11 @@ class ModelSpec:
     latent_channels: int = added(32)
     ensemble_size: int = added(1)
 
-    def build(
-        self, num_classes: int, image_shape: tuple[int, ...] | None = None, vocab_size: int = 0
-    ) -> model.VDM:
-        """The VDM this spec describes, embedding ``num_classes`` labels (0: none).
-
-        ``image_shape`` (H, W, C) is needed by a per-dimension schedule, ``vocab_size`` (K)
-        by the parameterisations on the data's grid.
+    def build(self, schedule: nn.Module, num_classes: int, vocab_size: int = 0) -> model.VDM:
+        """The VDM with this ``schedule`` module (built from the schedule's entry,
+        :meth:`vdm_jax.schedules.ScheduleKind.build`), embedding ``num_classes`` labels (0:
+        none); ``vocab_size`` (K) is read by the parameterisations on the data's grid.
         """
-        event_shape = None
-        if image_shape is not None:
-            event_shape = tuple(image_shape)
-            if self.schedule_per == "channel":
-                event_shape = (1,) * (len(event_shape) - 1) + event_shape[-1:]
-        schedule = schedules.SCHEDULES[self.schedule].build(
-            self.gamma_min, self.gamma_max, self.schedule_width, event_shape
-        )
         param = parameterizations.PARAMETERIZATIONS[self.parameterization]
         if param.needs_vocab and vocab_size < 2:
             raise ValueError(
@@ -164,18 +163,12 @@ class TrainingSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-    """``config.eval``: the estimator (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` key) and
-    its settings."""
+    """``config.eval``: the estimator (a :data:`vdm_jax.runner.eval_methods.EVAL_METHODS` key)
+    and the batch. The estimator's own settings (``num_time_samples``, ``ode_*``, ...) are its
+    entry's record."""
 
     method: str = may_change()
     batch_size: int = may_change()
-    num_time_samples: int = may_change()
-    ode_rtol: float = may_change()
-    ode_atol: float = may_change()
-    ode_divergence: str = may_change()
-    ode_dequant_samples: int = may_change()
-    ode_dequantization: str = may_change()
-    ode_importance_weighted: bool = may_change()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,9 +28,9 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vdm_jax.runner import specs
 from vdm_jax.runner.config_validation import ConfigError
 from vdm_jax.runner.experiment import Experiment
+from vdm_jax.runner.specs import SECTIONS
 
 RECORD = "config.json"
 # Where ``--config_record=rewrite`` keeps a damaged record.
@@ -89,8 +89,8 @@ def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
 def config_record(exp: Experiment) -> dict[str, Any]:
     """The experiment's config as JSON values: ``{"seed", "data", "model", ...}``."""
     record: dict[str, Any] = {"seed": exp.seed}
-    for section in specs.SECTIONS:
-        record[section] = dataclasses.asdict(getattr(exp, section))
+    for section, records in exp.section_records().items():
+        record[section] = {k: v for r in records for k, v in dataclasses.asdict(r).items()}
     return json.loads(json.dumps(record))  # As it reads back (tuples as lists).
 
 
@@ -130,7 +130,7 @@ def read_config_record(path: str) -> dict[str, Any]:
             problem = f"a JSON {type(recorded).__name__}, not an object"
         elif "seed" not in recorded:
             problem = "it has no seed"
-        elif any(not isinstance(recorded.get(k, {}), dict) for k in specs.SECTIONS):
+        elif any(not isinstance(recorded.get(k, {}), dict) for k in SECTIONS):
             problem = "a section is not a JSON object"
         else:
             return recorded
@@ -149,10 +149,12 @@ def _rewrite_config_record(exp: Experiment, workdir: str, error: DamagedRecordEr
     path = os.path.join(workdir, RECORD)
     current = config_record(exp)
     unchecked = [f"config.seed={current['seed']!r}"]
-    for section, cls in specs.SECTIONS.items():
-        for field in dataclasses.fields(cls):
-            if not field.metadata.get("may_change"):
-                unchecked.append(f"config.{section}.{field.name}={current[section][field.name]!r}")
+    for section, records in exp.section_records().items():
+        for record in records:
+            for field in dataclasses.fields(record):
+                if not field.metadata.get("may_change"):
+                    value = current[section][field.name]
+                    unchecked.append(f"config.{section}.{field.name}={value!r}")
     logging.warning(
         "%s\n--config_record=rewrite: these fields define the model, the objective or the "
         "data order and can no longer be checked against the run that wrote the checkpoints; "
@@ -200,8 +202,9 @@ def check_config_record(exp: Experiment, workdir: str, *, rewrite_damaged: bool 
     refused, allowed = [], []
     if recorded.get("seed") != current["seed"]:
         refused.append(f"config.seed: {recorded.get('seed')!r} -> {current['seed']!r}")
-    for section, cls in specs.SECTIONS.items():
-        for field in dataclasses.fields(cls):
+    for section, records in exp.section_records().items():
+        fields = {f.name: f for r in reversed(records) for f in dataclasses.fields(r)}
+        for field in fields.values():  # a field that several records read: the spec's
             before = field.metadata.get("before", "<not recorded>")
             old = recorded.get(section, {}).get(field.name, before)
             new = current[section][field.name]
