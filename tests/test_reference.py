@@ -714,9 +714,17 @@ DIRECT_EVAL_BPD = 12.033646583557129
 
 
 @pytest.mark.slow
-def test_imported_workdir_evaluates_samples_and_trains_like_any_other(tmp_path):
+def test_imported_workdir_evaluates_samples_and_trains_like_any_other(tmp_path, monkeypatch):
     """Import, then --mode=eval, --mode=sample and --mode=train through the runner: the EMA
     parameters (not the raw ones) are evaluated, to the figure of the direct evaluation."""
+    # TFDS's mock data has no files for the runner's check of a prepared build to find (that
+    # check has its own tests in test_data.py): read the mock's data source directly.
+    def open_mock_split(name: str, split: str, data_dir: str | None) -> data._TfdsSplit:
+        source = tfds.data_source("cifar10", split={"train": "train", "eval": "test"}[split])
+        return data._TfdsSplit(name, (32, 32, 3), source, has_labels=True)
+
+    spec = dataclasses.replace(data.DATASETS["cifar10"], open_split=open_mock_split)
+    monkeypatch.setitem(data.DATASETS, "cifar10", spec)
     ckpt, _, _ = _imported_pair(tmp_path)
     restored = reference.restore_reference(ckpt)
     config = _reference_config(restored.arch, **{"eval.batch_size": 8})

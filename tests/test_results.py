@@ -120,7 +120,9 @@ def test_estimators_on_one_checkpoint_keep_their_own_records(tmp_path):
         assert record["protocol_id"] == results.protocol_id(spec)
         events = read_events(workdir, os.path.join("eval", record["protocol_id"]))
         assert events["eval/bpd"] == [4] and events["eval/protocol/text_summary"] == [4]
-    assert "q(t) fitted" in records["elbo_importance"]["protocol"]["estimator"]["time_sampling"]
+    proposal = records["elbo_importance"]["protocol"]["estimator"]
+    assert "q(t) of proposal_bins bins fitted" in proposal["time_sampling"]
+    assert proposal["proposal_bins"] == 32
 
     again = run_main(workdir, *no_periodic_eval, *importance, mode="eval")
     replaced = records["elbo_importance"]["protocol_id"]

@@ -676,7 +676,7 @@ def test_a_second_training_is_refused_eval_runs_and_a_killed_one_resumes(tmp_pat
         assert message and message["pid"] == str(first.pid), second.stderr
         assert "Starting at step" not in second.stderr
         assert _run(path, mode="eval").returncode == 0  # Readers need no lock.
-        assert os.path.exists(os.path.join(path, "eval_step_2.json"))
+        assert eval_record(path, 2) is not None
         assert first.poll() is None, open(log).read()  # Still training all along.
     finally:
         first.kill()
@@ -767,7 +767,7 @@ def test_damaged_records_stop_the_run_in_one_line_and_rewrite_is_explicit(tmp_pa
         "_CHECKPOINT_METADATA is damaged (JSONDecodeError: "
     )
     assert warning in result.stderr
-    assert json.load(open(os.path.join(path, "eval_step_1.json")))["step"] == 1
+    assert eval_record(path, 1)["step"] == 1
 
     cache = tmp_path / "sample_quality" / "digits_features.npz"
     cache.parent.mkdir(exist_ok=True)
