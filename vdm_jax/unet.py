@@ -543,47 +543,10 @@ class ScoreUNet(nn.Module):
         """
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.label_input not in LABEL_INPUTS:
-            raise ValueError(f"label_input must be one of {LABEL_INPUTS}, got {self.label_input!r}")
         if self.add_z_to_eps and self.outputs_per_channel != 1:
             raise ValueError("add_z_to_eps needs one output channel per input channel")
-        if (label is None) != (self.num_classes == 0):
-            raise ValueError(
-                f"label must be given iff num_classes > 0 (num_classes={self.num_classes}, "
-                f"label {'missing' if label is None else 'given'})"
-            )
-        b, c_out = z.shape[0], z.shape[-1] * self.outputs_per_channel
-        width, emb = self.channels, 4 * self.channels
-
-        # Conditioning, in float32: it is [B, 4 channels], negligible next to the convs.
-        gamma_t = jnp.asarray(gamma_t, jnp.float32)
-        t_map = None
-        if gamma_t.ndim == z.ndim:  # per dimension: its map goes into conv_in
-            gamma_map = jnp.broadcast_to(gamma_t, z.shape)
-            t_map = (gamma_map - self.gamma_min) / (self.gamma_max - self.gamma_min)
-            gamma_t = jnp.mean(gamma_map.reshape(b, -1), axis=-1)
-        gamma_t = jnp.broadcast_to(gamma_t, (b,))
-        t_cond = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
-        cond = sinusoidal_embedding(1000.0 * t_cond, width)  # [B, channels]
-        if label is not None:
-            label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))
-        if self.label_input == "flag":
-            flag = jnp.zeros((b,)) if label is None else (label != 0).astype(jnp.float32)
-            cond = jnp.concatenate([cond, flag[:, None]], axis=-1)  # [B, channels + 1]
-        cond = nn.swish(nn.Dense(emb, name="cond_dense_0")(cond))
-        cond = nn.Dense(emb, name="cond_dense_1")(cond)
-        if self.num_classes > 0 and self.label_input == "embed":
-            cond = cond + nn.Embed(self.num_classes, emb, name="label_embed")(label)
-        if context is not None:
-            cond = cond + nn.Dense(emb, name="context_dense")(context.astype(jnp.float32))
-        cond = nn.swish(cond)  # [B, 4 channels], once here rather than in every block
-
-        h = z.astype(jnp.float32)
-        if self.fourier_features:
-            feats = fourier_features(h, self.fourier_min_exp, self.fourier_max_exp)
-            h = jnp.concatenate([h, feats], axis=-1)  # [B, H, W, C (1 + 2 n)]
-        if t_map is not None:
-            h = jnp.concatenate([h, t_map], axis=-1)  # [B, H, W, C (2 + 2 n)]
+        width = self.channels
+        cond, h = network_inputs(self, z, gamma_t, label, context, 4 * width)
         h = nn.Conv(width, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
 
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -613,11 +576,85 @@ class ScoreUNet(nn.Module):
             if every:
                 h = attn(f"up_attn_{i}", h)
 
-        # Output head in float32: one cheap conv, and eps_hat precision matters at low noise.
-        norm_out = GroupNorm(_num_groups(groups, width, min_size), jnp.float32, name="norm_out")
-        h = norm_out(h, swish=True)
-        out = nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        out = output_head(h, z.shape[-1] * self.outputs_per_channel, groups, min_size)
         return out + z.astype(jnp.float32) if self.add_z_to_eps else out
+
+
+def network_inputs(
+    net: nn.Module,
+    z: jax.Array,
+    gamma_t: jax.Array,
+    label: jax.Array | None,
+    context: jax.Array | None,
+    emb: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The conditioning embedding and the input features every score network here shares.
+
+    Called inside a network's compact ``__call__`` (its Dense layers become the network's
+    ``cond_dense_0``, ``cond_dense_1``, ``label_embed``, ``context_dense``). ``net`` supplies
+    ``channels``, ``gamma_min``, ``gamma_max``, ``num_classes``, ``label_input``,
+    ``fourier_features``, ``fourier_min_exp`` and ``fourier_max_exp`` (see
+    :class:`ScoreUNet`).
+
+    Args:
+      net: the calling network.
+      z: [B, H, W, C] float32 latent.
+      gamma_t: [B], scalar, or per dimension (of ``z``'s rank, broadcasting to it).
+      label: [B] int32, required iff ``net.num_classes > 0``.
+      context: [B, L] auxiliary latent, or None.
+      emb: width of the conditioning embedding.
+
+    Returns:
+      ``(cond [B, emb] float32, swished; features [B, H, W, C']`` float32: z, its Fourier
+      features and, for a per-dimension gamma, its ``t_cond`` map).
+    """
+    if net.label_input not in LABEL_INPUTS:
+        raise ValueError(f"label_input must be one of {LABEL_INPUTS}, got {net.label_input!r}")
+    if (label is None) != (net.num_classes == 0):
+        raise ValueError(
+            f"label must be given iff num_classes > 0 (num_classes={net.num_classes}, "
+            f"label {'missing' if label is None else 'given'})"
+        )
+    b = z.shape[0]
+    # Conditioning, in float32: it is [B, emb], negligible next to the convs.
+    gamma_t = jnp.asarray(gamma_t, jnp.float32)
+    t_map = None
+    if gamma_t.ndim == z.ndim:  # per dimension: its map goes into conv_in
+        gamma_map = jnp.broadcast_to(gamma_t, z.shape)
+        t_map = (gamma_map - net.gamma_min) / (net.gamma_max - net.gamma_min)
+        gamma_t = jnp.mean(gamma_map.reshape(b, -1), axis=-1)
+    gamma_t = jnp.broadcast_to(gamma_t, (b,))
+    t_cond = (gamma_t - net.gamma_min) / (net.gamma_max - net.gamma_min)
+    cond = sinusoidal_embedding(1000.0 * t_cond, net.channels)  # [B, channels]
+    if label is not None:
+        label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))
+    if net.label_input == "flag":
+        flag = jnp.zeros((b,)) if label is None else (label != 0).astype(jnp.float32)
+        cond = jnp.concatenate([cond, flag[:, None]], axis=-1)  # [B, channels + 1]
+    cond = nn.swish(nn.Dense(emb, name="cond_dense_0")(cond))
+    cond = nn.Dense(emb, name="cond_dense_1")(cond)
+    if net.num_classes > 0 and net.label_input == "embed":
+        cond = cond + nn.Embed(net.num_classes, emb, name="label_embed")(label)
+    if context is not None:
+        cond = cond + nn.Dense(emb, name="context_dense")(context.astype(jnp.float32))
+    cond = nn.swish(cond)  # once here rather than in every block
+
+    h = z.astype(jnp.float32)
+    if net.fourier_features:
+        feats = fourier_features(h, net.fourier_min_exp, net.fourier_max_exp)
+        h = jnp.concatenate([h, feats], axis=-1)  # [B, H, W, C (1 + 2 n)]
+    if t_map is not None:
+        h = jnp.concatenate([h, t_map], axis=-1)  # [B, H, W, C (2 + 2 n)]
+    return cond, h
+
+
+def output_head(h: jax.Array, c_out: int, num_groups: int, min_group_size: int) -> jax.Array:
+    """``conv_out(swish(norm_out(h)))`` in float32 (one cheap conv, and eps_hat precision
+    matters at low noise); ``conv_out`` is zero-initialised, so a network starts at zero.
+    Called inside a network's compact ``__call__``: [B, H, W, F] -> [B, H, W, c_out]."""
+    groups = _num_groups(num_groups, h.shape[-1], min_group_size)
+    h = GroupNorm(groups, jnp.float32, name="norm_out")(h, swish=True)
+    return nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
 
 
 def cifar10_unet(**overrides: Any) -> ScoreUNet:

