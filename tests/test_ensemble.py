@@ -48,6 +48,7 @@ def test_members_are_independent_initialisations_under_one_schedule():
     assert not np.allclose(kernels[0], kernels[1]) and not np.allclose(kernels[1], kernels[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides", [{}, pytest.param(ADAPTIVE, marks=pytest.mark.slow)], ids=["scalar", "adaptive"]
 )
@@ -112,6 +113,7 @@ def test_members_split_over_devices_match_the_loop(members):
     assert_grads_close(grads_split, grads_loop)
 
 
+@pytest.mark.slow
 def test_the_mean_denoiser_never_loosens_the_bound():
     """At the same times and noise, the mean of the members' eps_hat has a diffusion loss of
     at most the mean of theirs, example by example (the squared error is convex); the prior
@@ -173,6 +175,7 @@ def test_an_ensemble_trains_evaluates_and_samples(tmp_path):
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["bpd"]))
 
 
+@pytest.mark.slow
 def test_split_members_keep_their_own_state_and_step_as_on_one_device():
     """With the members split over two devices, each keeps its members' networks, EMA and
     Adam moments (half the state per device), and a train step there equals the step on one

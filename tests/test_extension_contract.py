@@ -19,6 +19,7 @@ from vdm_jax import model, schedules
 from vdm_jax.runner import config_validation, eval_methods, experiment, state, workdir
 
 
+@pytest.mark.slow
 def test_a_schedule_chosen_by_config_overrides_alone_trains_and_evaluates():
     config = tiny_config(**{"model.schedule": "learned_cosine", "model.cosine_s": 0.02})
     exp = experiment.build(config, jax.devices()[:1])

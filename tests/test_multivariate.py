@@ -349,6 +349,7 @@ def test_every_scalar_schedule_gives_the_same_loss_and_per_dimension_ones_do_bet
         assert abs(mean - want) < 4 * stderr, (curvature, mean, stderr, want)
 
 
+@pytest.mark.slow
 def test_the_elbo_gradient_moves_a_per_dimension_interior_unless_the_denoiser_is_exact():
     """What training the schedule means here: with a restricted denoiser the ELBO gradient
     of the interior matches the central difference of the quadrature (nonzero), so the

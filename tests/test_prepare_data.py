@@ -18,6 +18,7 @@ def output_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_one_training_step_on_prepared_tfds_files(tmp_path, monkeypatch):
     root = str(tmp_path / "tfds")
     tfds_tiny.build(root)

@@ -356,6 +356,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_computes_the_reference_function(tmp_path, case):
     spec = CASES[case]
@@ -607,6 +608,7 @@ def _imported_pair(tmp_path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return ckpt, params, ema_params
 
 
+@pytest.mark.slow
 def test_import_writes_a_workdir_the_runner_restores(tmp_path):
     ckpt, _, _ = _imported_pair(tmp_path)
     restored = reference.restore_reference(ckpt)

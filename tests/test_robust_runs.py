@@ -284,6 +284,7 @@ def test_a_record_from_before_a_field_existed_reads_as_its_former_value(tmp_path
         workdir.check_config_record(other, path)
 
 
+@pytest.mark.slow
 def test_config_record_refuses_changes_that_mix_runs(tmp_path):
     path = str(tmp_path)
     train_run(tiny_config(**NO_EVAL, **{"training.num_steps": 2}), path)

@@ -120,6 +120,7 @@ def batches() -> list[data.Batch]:
     return [next(iterator) for _ in range(3)]
 
 
+@pytest.mark.slow
 def test_sharded_state_takes_the_same_steps_as_replicated(batches):
     """A 2x4 mesh (batch over all 8 devices, the state split in 4): each device holds a
     quarter of the state, and the steps are those of the replicated 8x1 layout."""

@@ -44,6 +44,7 @@ from vdm_jax.runner import (
 NO_EVAL = {"training.eval_every": 10**6, "training.sample_every": 10**6}
 
 
+@pytest.mark.slow
 def test_train_resume_evaluate_sample(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config()  # 4 steps, checkpoints every 2, eval and samples at step 4.
